@@ -1,0 +1,212 @@
+"""`LowRankConfig`: every LoRA and quantization setting, documented once.
+
+The LoRA fields mean what PEFT's `LoraConfig` fields of the same name mean, so an adapter round-trips through PEFT's
+`adapter_config.json` (see `to_peft_dict` / `from_peft_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+QUANTIZATIONS = ("nf4", "fp4", None)
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
+INITS = ("kaiming", "gaussian")
+
+
+@dataclass
+class LowRankConfig:
+    """What to adapt and how to quantize the frozen base.
+
+    Args:
+        r: adapter rank; A is r×in, B is out×r.
+        lora_alpha: numerator of the scaling α/r (α/√r with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input only, active in training mode only.
+        target_modules: ``"all-linear"`` (every Linear / Conv1D / Linear4bit but the output head), a list of names
+            (a module matches when its dotted name equals an entry or ends in ``"." + entry``), or a string that is a
+            regular expression matched with ``re.fullmatch`` against the whole dotted name.
+        exclude_modules: same forms as ``target_modules``; matching modules are never adapted.
+        use_rslora: rank-stabilised scaling α/√r, which keeps the update size independent of r.
+        rank_pattern: ``{regex: r}``; the first pattern that matches a module's name (fullmatch, or suffix match
+            after a dot) overrides ``r`` for it.
+        alpha_pattern: ``{regex: alpha}``, as ``rank_pattern`` for ``lora_alpha``.
+        modules_to_save: names (same matching as a target list) of whole modules trained and saved in full, such as
+            a freshly initialised classification head. ``None`` picks the head of a sequence-classification model.
+        init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero). B = 0 either way,
+            so a fresh adapter leaves the base output unchanged.
+        quantization: ``"nf4"`` (4-bit NormalFloat, the QLoRA default), ``"fp4"``, or ``None`` for plain LoRA on a
+            16-bit base.
+        double_quant: quantize the per-block absmax constants too (saves ~0.37 bits per parameter).
+        compute_dtype: dtype the 4-bit weights are dequantized to for each matmul, and the dtype of the unquantized
+            parts of the model (embeddings, norms).
+        quant_storage: dtype the packed 4-bit data is stored in. ``uint8`` by default; FSDP and ZeRO-3 can only shard
+            the 4-bit weights when this equals the model dtype (hf_lowrank sets it by itself under those launches).
+        adapter_dtype: dtype of the A and B weights (``float32`` keeps the optimizer exact, as PEFT does).
+    """
+
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    init: str = "kaiming"
+    quantization: str | None = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    quant_storage: str = "uint8"
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"LowRankConfig.{name}={value!r} is not valid: expected {allowed}.")
+
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise bad("r", self.r, "a positive int such as 8 or 16")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise bad("lora_alpha", self.lora_alpha, "a positive number such as 16 or 32")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", self.lora_dropout, "a float in [0, 1), e.g. 0.05")
+        if isinstance(self.target_modules, tuple | set):
+            self.target_modules = sorted(self.target_modules)
+        self._check_names("target_modules", self.target_modules, allow_none=False)
+        if isinstance(self.exclude_modules, tuple | set):
+            self.exclude_modules = sorted(self.exclude_modules)
+        self._check_names("exclude_modules", self.exclude_modules, allow_none=True)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise bad("modules_to_save", self.modules_to_save, "a list of module names such as ['classifier']")
+            self.modules_to_save = list(self.modules_to_save)
+        for name, pattern, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern,
+                                                                               (int, float))):
+            if not isinstance(pattern, dict):
+                raise bad(name, pattern, "a dict {regex: value}")
+            for key, value in pattern.items():
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise bad(name, key, f"valid regular expressions as keys ({e})") from None
+                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                    raise bad(name, {key: value}, "positive numbers as values")
+        if self.init not in INITS:
+            raise bad("init", self.init, f"one of {INITS}")
+        if self.quantization not in QUANTIZATIONS:
+            raise bad("quantization", self.quantization, f"one of {QUANTIZATIONS} (None = no quantization)")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise bad("compute_dtype", self.compute_dtype, f"one of {COMPUTE_DTYPES}")
+        if self.adapter_dtype not in COMPUTE_DTYPES:
+            raise bad("adapter_dtype", self.adapter_dtype, f"one of {COMPUTE_DTYPES}")
+        if self.quant_storage not in QUANT_STORAGES:
+            raise bad("quant_storage", self.quant_storage, f"one of {QUANT_STORAGES} (the model dtype for FSDP/ZeRO-3)")
+        if not isinstance(self.double_quant, bool):
+            raise bad("double_quant", self.double_quant, "True or False")
+
+    @staticmethod
+    def _check_names(name: str, value: Any, allow_none: bool) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, str):
+            if value == "all-linear":
+                return
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(
+                    f"LowRankConfig.{name}={value!r} is not valid: a string is a regular expression ({e}); use a "
+                    f"list such as ['q_proj', 'v_proj'] for plain names, or 'all-linear'."
+                ) from None
+            return
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return
+        raise ValueError(
+            f"LowRankConfig.{name}={value!r} is not valid: expected 'all-linear', a non-empty list of module names "
+            f"such as ['q_proj', 'v_proj'], or a regular expression string."
+        )
+
+    # ---- per-module settings -------------------------------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        return _first_match(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _first_match(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def replace(self, **changes: Any) -> LowRankConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- PEFT's adapter_config.json ------------------------------------------------------------------------------
+
+    def to_peft_dict(self, *, task_type: str | None, base_model_name_or_path: str | None, revision: str | None,
+                     fan_in_fan_out: bool, target_modules: list[str] | str | None = None) -> dict[str, Any]:
+        """The fields PEFT's `LoraConfig` knows, and no others (unknown keys make PEFT warn)."""
+        targets = self.target_modules if target_modules is None else target_modules
+        return {
+            "peft_type": "LORA",
+            "task_type": task_type,
+            "base_model_name_or_path": base_model_name_or_path,
+            "revision": revision,
+            "inference_mode": True,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": targets,
+            "exclude_modules": self.exclude_modules,
+            "bias": "none",
+            "use_rslora": self.use_rslora,
+            "use_dora": False,
+            "modules_to_save": self.modules_to_save,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "fan_in_fan_out": fan_in_fan_out,
+            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any], **overrides: Any) -> LowRankConfig:
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"adapter_config.json has peft_type={d.get('peft_type')!r}; hf_lowrank reads LORA only.")
+        if d.get("use_dora"):
+            raise ValueError("adapter_config.json has use_dora=true; hf_lowrank does not implement DoRA.")
+        if d.get("bias", "none") != "none":
+            raise ValueError(f"adapter_config.json has bias={d['bias']!r}; hf_lowrank supports bias='none' only.")
+        if d.get("layers_to_transform") is not None:
+            raise ValueError("adapter_config.json sets layers_to_transform; hf_lowrank does not support it.")
+        init = d.get("init_lora_weights", True)
+        fields = {
+            "r": d.get("r", 8),
+            "lora_alpha": d.get("lora_alpha", 8),
+            "lora_dropout": d.get("lora_dropout", 0.0),
+            "target_modules": d.get("target_modules") or "all-linear",
+            "exclude_modules": d.get("exclude_modules"),
+            "use_rslora": bool(d.get("use_rslora", False)),
+            "rank_pattern": dict(d.get("rank_pattern") or {}),
+            "alpha_pattern": dict(d.get("alpha_pattern") or {}),
+            "modules_to_save": d.get("modules_to_save"),
+            "init": "gaussian" if init == "gaussian" else "kaiming",
+        }
+        if isinstance(fields["target_modules"], list | tuple | set):
+            fields["target_modules"] = sorted(fields["target_modules"])
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def name_matches(patterns: str | list[str], module_name: str) -> bool:
+    """PEFT's matching: a list entry equals the name or is its dotted suffix; a string is a full-match regex."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module_name) is not None
+    return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+
+
+def _first_match(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.fullmatch(key, module_name) or re.search(rf"(^|\.){key}$", module_name):
+            return value
+    return default

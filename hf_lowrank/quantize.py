@@ -1,0 +1,91 @@
+"""Loading the frozen base in 4 bits, and getting a k-bit model ready to train adapters.
+
+    16-bit weight W (out×in) ──split into blocks of 64──► per block: absmax c, W/c ∈ [-1, 1]
+        │                                                        │
+        │  NF4: each value → nearest of 16 levels that are the   │  double quantization: the fp32 absmax
+        │  quantiles of N(0, 1), so a normally distributed       │  constants are themselves quantized to
+        │  weight uses all 16 levels equally (4 bits/value)      │  8 bits in blocks of 256 (≈0.127 bits/param
+        ▼                                                        ▼  instead of 0.5)
+    packed 4-bit codes, stored in `quant_storage` (uint8 by default: two codes a byte; FSDP / ZeRO-3 need the model
+    dtype so every parameter of a shard has one float dtype)
+        │
+        ▼  at each matmul: dequantize block by block to `compute_dtype` (bf16), then x·Wᵀ in bf16.
+
+So the frozen weights cost ≈4.127 bits a parameter at rest and are 16-bit only transiently, one layer at a time;
+the adapters, their gradients and their optimizer state are the only full-precision training state.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .config import LowRankConfig
+from .inject import HEAD_NAMES
+
+
+def bnb_config(config: LowRankConfig, skip_modules: list[str] | None = None):
+    """transformers' `BitsAndBytesConfig` for `config` (4-bit, NF4 / FP4, double quant, compute and storage dtype).
+
+    Output heads and `modules_to_save` stay unquantized: a 4-bit classification head could not be trained.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization is None:
+        raise ValueError("LowRankConfig.quantization is None: no BitsAndBytesConfig for an unquantized base.")
+    skip = list(dict.fromkeys([*HEAD_NAMES, *(config.modules_to_save or []), *(skip_modules or [])]))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quantization,
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, config.quant_storage),
+        llm_int8_skip_modules=skip,
+    )
+
+
+def launch_kind() -> str | None:
+    """"deepspeed", "fsdp", "ddp" or None, from what `accelerate launch` / `torchrun` put in the environment."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "fsdp"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "ddp"
+    return None
+
+
+def current_device_map() -> dict[str, int | str]:
+    """The whole model on this process's device: one device per rank under a distributed launch, never "auto"."""
+    if torch.cuda.is_available():
+        rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        return {"": rank}
+    return {"": "cpu"}
+
+
+def for_launch(config: LowRankConfig) -> LowRankConfig:
+    """FSDP and ZeRO-3 shard flat float tensors: store the 4-bit codes in the model dtype there."""
+    if launch_kind() in ("fsdp", "deepspeed") and config.quantization and config.quant_storage == "uint8":
+        return config.replace(quant_storage=config.compute_dtype)
+    return config
+
+
+def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
+    """Freeze the base and let gradients flow through it, without PEFT's blanket fp32 upcast.
+
+    Norms and embeddings stay in the compute dtype (upcasting them is what makes QLoRA use more memory than bf16
+    LoRA). Input embeddings get `requires_grad` outputs so checkpointed blocks still send gradients to adapters.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # see LoraLinear: the packed CPU path drops input gradients
+    if hasattr(model, "enable_input_require_grads"):
+        try:
+            model.enable_input_require_grads()
+        except NotImplementedError:  # models without input embeddings
+            pass
+    return model

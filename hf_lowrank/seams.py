@@ -1,0 +1,142 @@
+"""The one module that touches transformers internals: where transformers 5 assumes `peft`, and what we do there.
+
+1. `Trainer.__init__` (`validate_quantization_for_training`) refuses a quantized model unless it is a `PeftModel` or
+   has `_hf_peft_config_loaded`: we set the flag on models we inject into.
+2. That flag sends `PreTrainedModel.save_pretrained` down a path that imports `peft`, so those models get their own
+   `save_pretrained` (adapter files only). The flag also makes checkpointing enable input grads, which we want.
+3. `Trainer._save` hands `save_pretrained` the state dict DeepSpeed / FSDP already gathered: we filter that one.
+4. `Trainer._load_from_checkpoint` and `_load_best_model` know adapter-only checkpoints only for `PeftModel`s: we
+   load ours there (everything else goes to transformers' own code).
+5. Under the global hook, `Trainer.__init__` adds `LowRankCallback` (paged AdamW default, summary, gradient guard),
+   and `TrainingArguments` records which fields the user passed, so an explicit `optim` wins.
+
+Each seam has a test in tests/test_seams.py that fails loudly when transformers moves it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import types
+
+logger = logging.getLogger("hf_lowrank")
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_hooked = False
+_installed = False
+
+
+def attach(model) -> None:
+    """Mark an injected model so that transformers treats it as an adapter model (seams 1-3)."""
+    model._hf_peft_config_loaded = True
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    install()
+
+
+def _save_pretrained(self, save_directory, *, is_main_process: bool = True, state_dict=None, push_to_hub=False,
+                     **kwargs):
+    """Write the adapter (PEFT's files) instead of the full model; `state_dict` is used when given (seam 3)."""
+    from .state import save_adapter
+
+    if not is_main_process:
+        return
+    save_adapter(self, save_directory, state_dict=state_dict)
+    if push_to_hub:
+        from .hub import push_adapter
+
+        repo_id = kwargs.pop("repo_id", os.path.basename(os.fspath(save_directory).rstrip("/")))
+        push_adapter(save_directory, repo_id, commit_message=kwargs.get("commit_message"),
+                     token=kwargs.get("token"), private=kwargs.get("private", False))
+
+
+def install(hooked: bool | None = None) -> None:
+    """Patch `Trainer` and `TrainingArguments` once (idempotent). Patched methods change nothing for other models."""
+    global _hooked, _installed
+    if hooked is not None:
+        _hooked = hooked
+    if _installed:
+        return
+    from transformers import Trainer, TrainingArguments
+
+    _installed = True
+    Trainer.__init__ = _wrap_init(Trainer.__init__)
+    Trainer._load_from_checkpoint = _wrap_load_from_checkpoint(Trainer._load_from_checkpoint)
+    Trainer._load_best_model = _wrap_load_best_model(Trainer._load_best_model)
+    if "__new__" not in TrainingArguments.__dict__:
+        TrainingArguments.__new__ = staticmethod(_training_arguments_new)
+
+
+def _training_arguments_new(cls, *args, **kwargs):
+    obj = object.__new__(cls)
+    obj.__dict__["_hf_lowrank_explicit"] = frozenset(kwargs)  # which fields the user passed (seam 5)
+    return obj
+
+
+def explicit_fields(args) -> frozenset[str] | None:
+    """Fields passed to this `TrainingArguments` by name, or None when it was made before hf_lowrank was active."""
+    return args.__dict__.get("_hf_lowrank_explicit")
+
+
+def _ours(model) -> bool:
+    from .inject import has_adapters
+
+    return model is not None and has_adapters(model)
+
+
+def _wrap_init(original):
+    signature = inspect.signature(original)
+
+    def __init__(self, *args, **kwargs):
+        if _hooked:
+            bound = signature.bind_partial(self, *args, **kwargs)
+            model = bound.arguments.get("model")
+            if _ours(model):
+                from .trainer import LowRankCallback
+
+                callbacks = list(bound.arguments.get("callbacks") or [])
+                if not any(isinstance(c, LowRankCallback) or c is LowRankCallback for c in callbacks):
+                    callbacks.append(LowRankCallback())
+                bound.arguments["callbacks"] = callbacks
+                args, kwargs = bound.args[1:], bound.kwargs
+        original(self, *args, **kwargs)
+
+    __init__.__wrapped__ = original
+    return __init__
+
+
+def _adapter_only(folder: str) -> bool:
+    full = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    return os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)) and not any(
+        os.path.isfile(os.path.join(folder, f)) for f in full)
+
+
+def _wrap_load_from_checkpoint(original):
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = model if model is not None else self.model
+        if _ours(target) and not self.is_fsdp_enabled and _adapter_only(resume_from_checkpoint):
+            from .state import load_adapter
+
+            logger.info("hf_lowrank: resuming adapter from %s", resume_from_checkpoint)
+            load_adapter(target, resume_from_checkpoint)
+            return None
+        return original(self, resume_from_checkpoint, model)
+
+    _load_from_checkpoint.__wrapped__ = original
+    return _load_from_checkpoint
+
+
+def _wrap_load_best_model(original):
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if _ours(self.model) and not self.is_deepspeed_enabled and not self.is_fsdp_enabled and best and \
+                _adapter_only(best):
+            from .state import load_adapter
+
+            logger.info("hf_lowrank: loading best adapter from %s (score %s)", best, self.state.best_metric)
+            load_adapter(self.model, best)
+            return None
+        return original(self)
+
+    _load_best_model.__wrapped__ = original
+    return _load_best_model

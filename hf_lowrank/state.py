@@ -1,0 +1,361 @@
+"""Adapter files in PEFT's format: build, save atomically, read, check strictly, load.
+
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight (r×in), ….lora_B.weight (out×r),
+                                base_model.model.<module>.weight for modules_to_save; header metadata:
+                                format=pt and hf_lowrank.* (version, base, revision, quantization, fingerprint)
+    adapter_config.json         PEFT's LoraConfig fields only (unknown keys make PEFT warn)
+    README.md                   model card (written when the folder has none)
+
+Safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import LowRankConfig
+from .inject import inject, lora_layers, resolve_targets, saved_modules
+from .layers import is_conv1d, layer_features
+
+logger = logging.getLogger("hf_lowrank")
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+CARD_NAME = "README.md"
+PREFIX = "base_model.model."
+META = "hf_lowrank."
+
+
+class AdapterError(ValueError):
+    """An adapter file or folder that cannot be used as it is; the message names the file and the fix."""
+
+
+# ---- building ---------------------------------------------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """PEFT-format keys → tensors for the adapters and `modules_to_save` of `model`.
+
+    With `state_dict` (what DeepSpeed / FSDP gathered for `Trainer._save`), tensors are taken from it, not from the
+    possibly sharded parameters.
+    """
+    names: list[str] = []
+    for name, _ in lora_layers(model):
+        names += [f"{name}.lora_A.weight", f"{name}.lora_B.weight"]
+    for name, module in saved_modules(model):
+        names += [f"{name}.{p}" for p, _ in module.named_parameters()]
+    own = dict(model.named_parameters())
+    out = {}
+    for key in names:
+        t = state_dict[key] if state_dict is not None and key in state_dict else own[key]
+        t = t.detach()
+        if t.numel() == 0:
+            raise AdapterError(
+                f"refusing to save {key}: the tensor is empty (shape {tuple(t.shape)}). Under DeepSpeed ZeRO-3 or FSDP "
+                "the parameters must be gathered first; save through Trainer.save_model or model.save_pretrained.")
+        out[PREFIX + key] = t.to("cpu", dtype or t.dtype).contiguous().clone()
+    return out
+
+
+def _fingerprint(shapes: dict[str, list[int]]) -> str:
+    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _target_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """{module name: [out, in]} of every adapted layer: which base the adapter was trained on."""
+    return {name: [layer.out_features, layer.in_features] for name, layer in lora_layers(model)}
+
+
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification":
+              "TOKEN_CLS", "ForConditionalGeneration": "SEQ_2_SEQ_LM", "ForQuestionAnswering": "QUESTION_ANS",
+              "Model": "FEATURE_EXTRACTION"}
+
+
+def task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def peft_config_dict(model: nn.Module) -> dict[str, Any]:
+    cfg: LowRankConfig = model.lowrank_config
+    targets = cfg.target_modules
+    if targets == "all-linear" or isinstance(targets, list):
+        targets = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)})
+    hf_config = getattr(model, "config", None)
+    conv = any(is_conv1d(layer.base_layer) for _, layer in lora_layers(model))
+    return cfg.to_peft_dict(task_type=task_type(model),
+                            base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
+                            revision=None, fan_in_fan_out=conv, target_modules=targets)
+
+
+def adapter_metadata(model: nn.Module) -> dict[str, str]:
+    cfg: LowRankConfig = model.lowrank_config
+    hf_config = getattr(model, "config", None)
+    shapes = _target_shapes(model)
+    quant = {"quantization": cfg.quantization, "double_quant": cfg.double_quant, "compute_dtype": cfg.compute_dtype,
+             "quant_storage": cfg.quant_storage} if cfg.quantization else {"quantization": None}
+    return {
+        "format": "pt",
+        META + "version": __version__,
+        META + "base_model": getattr(hf_config, "_name_or_path", "") or "",
+        META + "base_revision": getattr(hf_config, "_commit_hash", None) or "",
+        META + "base_architecture": ",".join(getattr(hf_config, "architectures", None) or [type(model).__name__]),
+        META + "quantization": json.dumps(quant, sort_keys=True),
+        META + "fingerprint": _fingerprint(shapes),
+        META + "modules": json.dumps(shapes, sort_keys=True, separators=(",", ":")),
+    }
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `path` (all or nothing)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    with _suppress():
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
+                 dtype: torch.dtype | None = None, training_summary: dict[str, Any] | None = None) -> Path:
+    """Write `adapter_model.safetensors`, `adapter_config.json` and (if missing) `README.md`; each atomically.
+
+    `dtype=torch.bfloat16` halves the file. Returns the folder.
+    """
+    from safetensors.torch import save
+
+    if not hasattr(model, "lowrank_config"):
+        raise AdapterError("save_adapter: this model has no hf_lowrank adapters (use hf_lowrank.inject first)")
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model, state_dict, dtype)
+    metadata = adapter_metadata(model)
+    if training_summary:
+        metadata[META + "training"] = json.dumps(training_summary, sort_keys=True)
+    blob = save(tensors, metadata=metadata)
+    config = peft_config_dict(model)
+    _atomic_write(out / WEIGHTS_NAME, lambda f: f.write(blob))
+    _atomic_write(out / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
+    card = out / CARD_NAME
+    if not card.exists() or "hf-lowrank" in card.read_text(errors="ignore")[:2000]:
+        from .card import model_card
+
+        text = model_card(config, metadata, training_summary)
+        _atomic_write(card, lambda f: f.write(text.encode()))
+    return out
+
+
+# ---- reading ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter read from disk and checked for integrity (not yet against a model)."""
+
+    folder: Path
+    config: LowRankConfig
+    peft_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / CONFIG_NAME
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / WEIGHTS_NAME
+
+    @property
+    def base_model(self) -> str | None:
+        return self.peft_config.get("base_model_name_or_path") or self.metadata.get(META + "base_model") or None
+
+    @property
+    def base_revision(self) -> str | None:
+        return self.peft_config.get("revision") or self.metadata.get(META + "base_revision") or None
+
+    @property
+    def written_by_us(self) -> bool:
+        return META + "version" in self.metadata
+
+    @property
+    def trained_shapes(self) -> dict[str, list[int]]:
+        return json.loads(self.metadata.get(META + "modules", "{}"))
+
+
+def resolve_folder(src: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local adapter folder, or a Hub repo id pulled into the cache."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    s = os.fspath(src)
+    looks_like_repo = s.count("/") == 1 and not s.startswith((".", "/", "~")) and not path.exists()
+    if looks_like_repo and not os.path.exists(s.split("/")[0]):
+        from .hub import pull_adapter
+
+        return Path(pull_adapter(s, revision=revision))
+    if path.exists():
+        raise AdapterError(f"{path} is a file; an adapter is a folder with {WEIGHTS_NAME} and {CONFIG_NAME}")
+    raise AdapterError(f"adapter folder {path} does not exist (nor is it a Hub repo id like 'user/name')")
+
+
+def read_adapter(src: str | os.PathLike | AdapterFiles, revision: str | None = None) -> AdapterFiles:
+    """Read and check an adapter folder (or repo id): config present and valid, weights safetensors and intact."""
+    from safetensors import SafetensorError, safe_open
+
+    if isinstance(src, AdapterFiles):
+        return src
+    folder = resolve_folder(src, revision)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path} is missing: {folder} is not an adapter folder (PEFT's format needs "
+                           f"{CONFIG_NAME} beside {WEIGHTS_NAME})")
+    try:
+        peft_config = json.loads(config_path.read_text())
+        config = LowRankConfig.from_peft_dict(peft_config)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise AdapterError(f"{config_path} is not valid JSON for a LoRA config: {e}") from None
+    except ValueError as e:
+        raise AdapterError(f"{config_path}: {e}") from None
+    if not weights_path.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise AdapterError(f"{folder} holds adapter_model.bin (a pickle); hf_lowrank never unpickles. Convert it "
+                               f"to {WEIGHTS_NAME} with a tool you trust (e.g. PEFT: save_pretrained(..., "
+                               "safe_serialization=True)).")
+        raise AdapterError(f"{weights_path} is missing")
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise AdapterError(f"{weights_path} is corrupted or truncated ({e}); save the adapter again or pull a "
+                           "fresh copy") from None
+    if not tensors:
+        raise AdapterError(f"{weights_path} holds no tensors")
+    for k, t in tensors.items():
+        if t.numel() == 0:
+            raise AdapterError(f"{weights_path}: tensor {k} is empty (shape {tuple(t.shape)}), as ZeRO-3 saves without "
+                               "gathering produce; this adapter cannot be used")
+    return AdapterFiles(folder, config, peft_config, tensors, metadata)
+
+
+# ---- checking against a model and loading --------------------------------------------------------------------------
+
+
+def _strip(key: str) -> str:
+    key = key.removeprefix(PREFIX)
+    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def expected_shapes(model: nn.Module, config: LowRankConfig) -> dict[str, tuple[int, ...]]:
+    """Model-relative key → shape that an adapter with `config` has on `model` (without changing the model)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if any(True for _ in lora_layers(model)):
+        for name, layer in lora_layers(model):
+            shapes[f"{name}.lora_A.weight"] = tuple(layer.lora_A.weight.shape)
+            shapes[f"{name}.lora_B.weight"] = tuple(layer.lora_B.weight.shape)
+    else:
+        for name in resolve_targets(model, config):
+            in_f, out_f = layer_features(model.get_submodule(name))
+            r = config.rank_for(name)
+            shapes[f"{name}.lora_A.weight"] = (r, in_f)
+            shapes[f"{name}.lora_B.weight"] = (out_f, r)
+    if config.modules_to_save:
+        from .config import name_matches
+
+        for name, module in model.named_modules():
+            if name and name_matches(config.modules_to_save, name):
+                for p, t in module.named_parameters():
+                    shapes[f"{name}.{p}"] = tuple(t.shape)
+    return shapes
+
+
+def check_adapter(model: nn.Module, files: AdapterFiles) -> None:
+    """Every key present, no key extra, every shape equal; raises `AdapterError` naming what does not fit."""
+    try:
+        expected = expected_shapes(model, files.config)
+    except ValueError as e:
+        raise AdapterError(f"{files.config_path} does not fit this model: {e}") from None
+    got = {_strip(k): tuple(t.shape) for k, t in files.tensors.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if not (missing or unexpected or wrong):
+        return
+    where = f"{files.weights_path} (trained on {files.base_model or 'an unknown base'})"
+    this = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: adapter {list(got[k])} vs this model "
+                     f"{list(expected[k])} — the adapter was trained on another base than {this}")
+    if missing:
+        parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+    raise AdapterError(f"{where} does not fit the model: " + "; ".join(parts) + ". Nothing was loaded.")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, src: str | os.PathLike | AdapterFiles, revision: str | None = None) -> nn.Module:
+    """Load an adapter strictly into `model` (injecting layers first when it has none). Returns the model.
+
+    Everything is checked before any parameter changes: on any error the model is left exactly as it was.
+    """
+    files = read_adapter(src, revision)
+    check_adapter(model, files)
+    _warn_if_other_base(model, files)
+    if not any(True for _ in lora_layers(model)):
+        inject(model, files.config)
+    cfg = files.config
+    for name, layer in lora_layers(model):
+        layer.alpha = cfg.alpha_for(name)
+        layer.use_rslora = cfg.use_rslora
+        layer.scaling = layer.alpha / (layer.r ** 0.5) if cfg.use_rslora else layer.alpha / layer.r
+    params = dict(model.named_parameters())
+    for key, tensor in files.tensors.items():
+        p = params[_strip(key)]
+        p.copy_(tensor.to(p.dtype))
+    return model
+
+
+def _warn_if_other_base(model: nn.Module, files: AdapterFiles) -> None:
+    loaded = getattr(getattr(model, "config", None), "_commit_hash", None)
+    recorded = files.metadata.get(META + "base_revision")
+    if loaded and recorded and loaded != recorded:
+        logger.warning("adapter %s was trained on base revision %s; the base loaded is revision %s",
+                       files.folder, recorded, loaded)

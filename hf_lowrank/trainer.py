@@ -1,0 +1,117 @@
+"""`LowRankCallback`: the Trainer-side policy for hf_lowrank models.
+
+- paged AdamW (`paged_adamw_32bit`) when the user left `optim` at its default; an explicit choice wins;
+- a start-of-training summary: base footprint, trainable parameters, quantization, optimizer, what is really paged;
+- a silent-failure guard: after the first backward, every adapter parameter must have a gradient.
+
+The mechanical Trainer seams (gate, adapter-only checkpoints, resume, best model) live in `seams.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from transformers import TrainerCallback
+
+from .inject import lora_layers, parameter_summary
+
+logger = logging.getLogger("hf_lowrank")
+
+PAGED_OPTIM = "paged_adamw_32bit"
+#: bitsandbytes pages an optimizer state tensor only from this many elements on (smaller ones stay in device memory).
+PAGE_MIN_NUMEL = 100_000
+
+
+class NoGradientError(RuntimeError):
+    """Some adapters got no gradient in the first step: they would silently never train."""
+
+
+class LowRankCallback(TrainerCallback):
+    """Add to `Trainer(callbacks=[...])` when not using `hf_lowrank.enable()` (which adds it by itself).
+
+    Args:
+        default_optim: optimizer used when `TrainingArguments.optim` was left at its default (None keeps it).
+        check_gradients: raise `NoGradientError` when an adapter gets no gradient in the first optimizer step.
+    """
+
+    def __init__(self, default_optim: str | None = PAGED_OPTIM, check_gradients: bool = True) -> None:
+        self.default_optim = default_optim
+        self.check_gradients = check_gradients
+        self._checked = False
+
+    # ---- optimizer default ----------------------------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, **kwargs):
+        from transformers.training_args import OptimizerNames
+
+        from .seams import explicit_fields
+
+        if self.default_optim is None:
+            return
+        default = next(f.default for f in dataclasses.fields(type(args)) if f.name == "optim")
+        explicit = explicit_fields(args)
+        chosen = explicit is not None and "optim" in explicit
+        if not chosen and OptimizerNames(args.optim) == OptimizerNames(default):
+            args.optim = OptimizerNames(self.default_optim)
+            logger.info("hf_lowrank: optim left at its default (%s); using %s", OptimizerNames(default).value,
+                        self.default_optim)
+
+    # ---- summary --------------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._checked = False
+        if model is None or not state.is_world_process_zero:
+            return
+        logger.warning(training_summary(model, args, optimizer))
+
+    # ---- silent-failure guard -------------------------------------------------------------------------------------
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self._checked or not self.check_gradients or model is None or args.deepspeed:
+            return
+        self._checked = True
+        check_adapter_gradients(model)
+
+
+def check_adapter_gradients(model) -> None:
+    """Raise `NoGradientError` naming the adapters whose A or B has no gradient, and the likely reason."""
+    missing = [name for name, layer in lora_layers(model)
+               if layer.lora_A.weight.grad is None or layer.lora_B.weight.grad is None]
+    if not missing:
+        return
+    total = sum(1 for _ in lora_layers(model))
+    if len(missing) == total and getattr(model, "is_gradient_checkpointing", False):
+        why = ("gradient checkpointing is on and the checkpointed blocks' inputs do not require grad (frozen "
+               "embeddings): call model.enable_input_require_grads() or use non-reentrant checkpointing "
+               "(gradient_checkpointing_kwargs={'use_reentrant': False}, the default)")
+    else:
+        why = ("these layers never ran in the forward pass or their output does not reach the loss; drop them from "
+               "target_modules (exclude_modules) or check that the loss uses them")
+    raise NoGradientError(
+        f"{len(missing)} of {total} LoRA layers got no gradient in the first step (e.g. {missing[:3]}): {why}.")
+
+
+def training_summary(model, args=None, optimizer=None) -> str:
+    s = parameter_summary(model)
+    cfg = getattr(model, "lowrank_config", None)
+    quant = "none (16-bit base)"
+    if cfg is not None and cfg.quantization:
+        quant = (f"{cfg.quantization.upper()}{' + double quant' if cfg.double_quant else ''}, compute "
+                 f"{cfg.compute_dtype}, storage {cfg.quant_storage}")
+    footprint = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else s.base_bytes
+    optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    paged = [p for p in trainable if p.numel() >= PAGE_MIN_NUMEL]
+    paged_note = "no"
+    if optim and "paged" in str(optim):
+        paged_note = (f"{len(paged)} of {len(trainable)} trainable tensors ({sum(p.numel() for p in paged):,} params); "
+                      f"bitsandbytes pages only tensors of >= {PAGE_MIN_NUMEL:,} elements")
+    return "\n".join([
+        "hf_lowrank training summary",
+        f"  base footprint : {footprint / 2**20:.2f} MiB (model.get_memory_footprint())",
+        f"  parameters     : {s}",
+        f"  quantization   : {quant}",
+        f"  optimizer      : {optim}",
+        f"  paged state    : {paged_note}",
+    ])

@@ -1,0 +1,90 @@
+"""Tiny models built from configs, saved to disk once per session and loaded back through from_pretrained.
+
+Sizes are multiples of 64 (bitsandbytes' CPU kernels want them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, pad_token_id=0)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def gpt2_config(**kw):
+    from transformers import GPT2Config
+
+    base = dict(n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=128, pad_token_id=0)
+    base.update(kw)
+    return GPT2Config(**base)
+
+
+def bert_config(**kw):
+    from transformers import BertConfig
+
+    base = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                max_position_embeddings=128, num_labels=2)
+    base.update(kw)
+    return BertConfig(**base)
+
+
+def save_tiny(path, kind: str, seed: int = 0, **kw) -> str:
+    from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(llama_config(**kw))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(gpt2_config(**kw))
+    elif kind == "bert":
+        # the classifier is not saved: loading it for sequence classification initialises a new head, as in real use
+        from transformers import BertModel
+
+        model = BertModel(bert_config(**kw), add_pooling_layer=True)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("bert"), "bert")
+
+
+@pytest.fixture(autouse=True)
+def _no_global_hook():
+    """Every test starts and ends with the from_pretrained hook off."""
+    import hf_lowrank
+
+    hf_lowrank.disable()
+    yield
+    hf_lowrank.disable()
+
+
+def tokens(batch: int = 2, seq: int = 16, vocab: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, seq), generator=g)
