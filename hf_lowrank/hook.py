@@ -34,12 +34,14 @@ def _bypass():
         _local.depth -= 1
 
 
-def from_pretrained(model_cls: Any, name_or_path: str, config: LowRankConfig | None = None, **hf_kwargs: Any):
+def from_pretrained(model_cls: Any, name_or_path: str, lowrank_config: LowRankConfig | None = None, /,
+                    **hf_kwargs: Any):
     """Load `name_or_path` with `model_cls` (an `AutoModel*` or model class), quantize, prepare and inject LoRA.
 
-    Arguments the caller gives in `hf_kwargs` win over ours (`quantization_config`, `dtype`, `device_map`).
+    Arguments the caller gives in `hf_kwargs` win over ours (`quantization_config`, `dtype`, `device_map`);
+    `config=` is transformers' model config, as in `from_pretrained`.
     """
-    config = for_launch(config or LowRankConfig())
+    config = for_launch(lowrank_config or LowRankConfig())
     if config.quantization:
         hf_kwargs.setdefault("quantization_config", bnb_config(config))
         if "torch_dtype" not in hf_kwargs:
