@@ -107,6 +107,7 @@ def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
         base = getattr(parent, child)
         layer = LoraLinear(base, r=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.lora_dropout,
                            use_rslora=config.use_rslora, init=config.init, dtype=dtype)
+        layer.train(base.training)  # from_pretrained returns models in eval mode; dropout must follow
         setattr(parent, child, layer)
 
     for p in model.parameters():

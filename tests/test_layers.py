@@ -1,0 +1,199 @@
+"""LoraLinear: the math, the gradients, scaling, dropout, merge, and the 4-bit base."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_lowrank import LoraLinear
+
+torch.manual_seed(0)
+
+
+def _random_adapter(layer: LoraLinear, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g))
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g))
+
+
+def test_zero_init_output_equals_base():
+    base = nn.Linear(64, 128)
+    layer = LoraLinear(base, r=8, alpha=16)
+    x = torch.randn(3, 5, 64)
+    assert torch.count_nonzero(layer.lora_A.weight) > 0, "A must be randomly initialised"
+    assert torch.count_nonzero(layer.lora_B.weight) == 0, "B must start at zero"
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+
+
+def test_forward_equals_formula_and_shapes():
+    base = nn.Linear(64, 128, bias=True)
+    layer = LoraLinear(base, r=4, alpha=12)
+    _random_adapter(layer)
+    assert layer.lora_A.weight.shape == (4, 64) and layer.lora_B.weight.shape == (128, 4)
+    assert layer.lora_A.bias is None and layer.lora_B.bias is None
+    x = torch.randn(2, 7, 64)
+    A, B, W0, b = layer.lora_A.weight, layer.lora_B.weight, base.weight, base.bias
+    expected = x @ W0.T + b + (12 / 4) * (x @ A.T @ B.T)
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert (out - base(x)).abs().max() > 1e-2, "the adapter must change the output"
+
+
+def test_gradients_match_closed_form():
+    """g_B = s·g_ΔW·Aᵀ, g_A = s·Bᵀ·g_ΔW with g_ΔW = Gᵀx; the base gets no gradient."""
+    base = nn.Linear(64, 64, bias=False)
+    base.weight.requires_grad_(False)
+    layer = LoraLinear(base, r=8, alpha=16)
+    _random_adapter(layer)
+    s = layer.scaling
+    x = torch.randn(10, 64, dtype=torch.float32)
+    G = torch.randn(10, 64)
+    layer(x).backward(G)
+    A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    g_dW = G.T @ x  # (out, in)
+    torch.testing.assert_close(layer.lora_B.weight.grad, s * g_dW @ A.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.lora_A.weight.grad, s * B.T @ g_dW, rtol=1e-4, atol=1e-4)
+    assert base.weight.grad is None
+    assert layer.lora_A.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scaling(rslora):
+    layer = LoraLinear(nn.Linear(64, 64), r=16, alpha=32, use_rslora=rslora)
+    assert layer.scaling == pytest.approx(32 / math.sqrt(16) if rslora else 32 / 16)
+    assert layer.scaling == pytest.approx(8.0 if rslora else 2.0)
+
+
+def test_dropout_only_in_training():
+    base = nn.Linear(64, 64)
+    layer = LoraLinear(base, r=8, alpha=16, dropout=0.5)
+    _random_adapter(layer)
+    x = torch.randn(4, 64)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(0)
+    a = layer(x)
+    torch.manual_seed(1)
+    b = layer(x)
+    assert (a - b).abs().max() > 1e-3, "dropout must be active in training"
+    assert isinstance(LoraLinear(base, r=8, alpha=16, dropout=0.0).dropout, nn.Identity)
+
+
+def test_merge_unmerge_idempotent_linear():
+    base = nn.Linear(64, 128)
+    layer = LoraLinear(base, r=8, alpha=16)
+    _random_adapter(layer)
+    x = torch.randn(3, 64)
+    before = layer(x)
+    w0 = base.weight.detach().clone()
+    layer.merge()
+    layer.merge()  # idempotent
+    torch.testing.assert_close(base.weight, w0 + layer.delta_weight(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), before, rtol=1e-4, atol=1e-4)
+    layer.unmerge()
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, w0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_base_formula_and_merge():
+    from transformers.pytorch_utils import Conv1D
+
+    base = Conv1D(nf=192, nx=64)  # weight (in=64, out=192)
+    torch.nn.init.normal_(base.weight, std=0.02)
+    layer = LoraLinear(base, r=4, alpha=8)
+    _random_adapter(layer)
+    assert (layer.in_features, layer.out_features) == (64, 192)
+    x = torch.randn(2, 5, 64)
+    expected = base(x) + 2.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_disabled_flag_gives_base_output():
+    base = nn.Linear(64, 64)
+    layer = LoraLinear(base, r=8, alpha=16)
+    _random_adapter(layer)
+    x = torch.randn(2, 64)
+    layer.disabled = True
+    torch.testing.assert_close(layer(x), base(x))
+
+
+def _quantized(in_f: int, out_f: int, seed: int = 0):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_f, out_f, bias=False)
+    q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                          compress_statistics=True)
+    q.load_state_dict(dense.state_dict())
+    q = q.to("cpu")
+    if getattr(q.weight, "quant_state", None) is None:  # CPU: quantize explicitly as transformers does
+        q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)._quantize("cpu")
+    return q
+
+
+def test_4bit_parity_with_dequantized_linear():
+    from hf_lowrank.layers import dense_weight
+
+    q = _quantized(128, 192)
+    assert q.weight.quant_state is not None and q.weight.quant_state.quant_type == "nf4"
+    w = dense_weight(q, torch.float32)
+    assert w.shape == (192, 128)
+    plain = nn.Linear(128, 192, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(w)
+    a, b = LoraLinear(q, r=8, alpha=16), LoraLinear(plain, r=8, alpha=16)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if "lora" in k}, strict=False)
+    _random_adapter(a)
+    _random_adapter(b)
+    x = torch.randn(4, 128)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-3, atol=1e-3)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(a.lora_A.weight.grad, b.lora_A.weight.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_4bit_eval_forward_mid_training_keeps_gradients():
+    """bitsandbytes 0.50's CPU repack on an eval forward must never happen under our layers."""
+    torch.manual_seed(0)
+    first, second = LoraLinear(_quantized(128, 128, 1), r=8, alpha=16), LoraLinear(_quantized(128, 128, 2), r=8,
+                                                                                   alpha=16)
+    _random_adapter(first, 3)
+    _random_adapter(second, 4)
+    net = nn.Sequential(first, second)
+    x = torch.randn(4, 128)
+    net(x).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.requires_grad]
+    net.zero_grad(set_to_none=True)
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    net.train()
+    net(x).pow(2).sum().backward()
+    after = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None for g in after)
+    for g0, g1 in zip(grads, after, strict=True):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-5)
+    assert not getattr(first.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_4bit_odd_out_features_evaluate():
+    layer = LoraLinear(_quantized(128, 72), r=4, alpha=8).eval()  # 72 is not a multiple of 32
+    with torch.no_grad():
+        y = layer(torch.randn(2, 128))
+    assert y.shape == (2, 72) and torch.isfinite(y).all()
+
+
+def test_4bit_merge_in_place_refused():
+    layer = LoraLinear(_quantized(128, 128), r=4, alpha=8)
+    with pytest.raises(TypeError, match="hf_lowrank.merge"):
+        layer.merge()
