@@ -11,11 +11,13 @@ Safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,10 +63,6 @@ def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | N
     for key in names:
         t = state_dict[key] if state_dict is not None and key in state_dict else own[key]
         t = t.detach()
-        if t.numel() == 0:
-            raise AdapterError(
-                f"refusing to save {key}: the tensor is empty (shape {tuple(t.shape)}). Under DeepSpeed ZeRO-3 or FSDP "
-                "the parameters must be gathered first; save through Trainer.save_model or model.save_pretrained.")
         out[PREFIX + key] = t.to("cpu", dtype or t.dtype).contiguous().clone()
     return out
 
@@ -97,7 +95,8 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
     conv = any(is_conv1d(layer.base_layer) for _, layer in lora_layers(model))
     return cfg.to_peft_dict(task_type=task_type(model),
                             base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
-                            revision=None, fan_in_fan_out=conv, target_modules=targets)
+                            revision=getattr(hf_config, "_commit_hash", None) or None, fan_in_fan_out=conv,
+                            target_modules=targets)
 
 
 def adapter_metadata(model: nn.Module) -> dict[str, str]:
@@ -121,62 +120,104 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
 # ---- writing ------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `path` (all or nothing)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes in key order: detects flipped bits in the data,
+    which safetensors' own header checks cannot see."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _temp_file(target: Path, write: Callable[[str], None]) -> str:
+    """Write a temporary sibling of `target` with `write(path)` and flush it to disk; returns its path."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with _suppress():
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened for fsync
+        fd = os.open(folder, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
+            os.fsync(fd)
         finally:
-            os.close(dir_fd)
+            os.close(fd)
 
 
-class _suppress:
-    def __enter__(self):
-        return self
+def atomic_write_files(folder: Path, writers: dict[str, Callable[[str], None]]) -> None:
+    """Write every file to a flushed temporary sibling first, then rename each over its target.
 
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
+    A crash while writing (the slow part) leaves the previous files untouched; only the renames, which take
+    microseconds, run after the first target changes.
+    """
+    temps: dict[Path, str] = {}
+    try:
+        for name, write in writers.items():
+            temps[folder / name] = _temp_file(folder / name, write)
+        for target, tmp in temps.items():
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _fsync_dir(folder)
+
+
+def write_adapter_files(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                        peft_config: dict[str, Any], training_summary: dict[str, Any] | None = None) -> Path:
+    """Write PEFT-format adapter files (`tensors` keyed with the `base_model.model.` prefix) atomically."""
+    from safetensors.torch import save_file
+
+    from .card import model_card
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, t in tensors.items():
+        if t.numel() == 0:
+            raise AdapterError(
+                f"refusing to save {key}: the tensor is empty (shape {tuple(t.shape)}). Under DeepSpeed ZeRO-3 or FSDP "
+                "the parameters must be gathered first; save through Trainer.save_model or model.save_pretrained.")
+    metadata = {**metadata, "format": "pt", META + "sha256": tensor_digest(tensors)}
+    config_text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+    writers: dict[str, Callable[[str], None]] = {
+        WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata=metadata),
+        CONFIG_NAME: lambda p: Path(p).write_text(config_text),
+    }
+    card = out / CARD_NAME
+    if not card.exists() or "hf-lowrank" in card.read_text(errors="ignore")[:2000]:
+        text = model_card(peft_config, metadata, training_summary)
+        writers[CARD_NAME] = lambda p: Path(p).write_text(text)
+    atomic_write_files(out, writers)
+    return out
 
 
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
                  dtype: torch.dtype | None = None, training_summary: dict[str, Any] | None = None) -> Path:
-    """Write `adapter_model.safetensors`, `adapter_config.json` and (if missing) `README.md`; each atomically.
+    """Write `adapter_model.safetensors`, `adapter_config.json` and (unless the user wrote one) `README.md`.
 
-    `dtype=torch.bfloat16` halves the file. Returns the folder.
+    All or nothing: each file goes to a flushed temporary file in the folder first and is renamed over the old one
+    afterwards, so a crash mid-save leaves the previous adapter loadable. Empty tensors (what an ungathered ZeRO-3
+    save produces) are refused. `dtype=torch.bfloat16` halves the file. `state_dict`, when given (what DeepSpeed /
+    FSDP gathered for `Trainer._save`), supplies the tensors. Returns the folder.
     """
-    from safetensors.torch import save
-
     if not hasattr(model, "lowrank_config"):
         raise AdapterError("save_adapter: this model has no hf_lowrank adapters (use hf_lowrank.inject first)")
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model, state_dict, dtype)
     metadata = adapter_metadata(model)
     if training_summary:
         metadata[META + "training"] = json.dumps(training_summary, sort_keys=True)
-    blob = save(tensors, metadata=metadata)
-    config = peft_config_dict(model)
-    _atomic_write(out / WEIGHTS_NAME, lambda f: f.write(blob))
-    _atomic_write(out / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
-    card = out / CARD_NAME
-    if not card.exists() or "hf-lowrank" in card.read_text(errors="ignore")[:2000]:
-        from .card import model_card
-
-        text = model_card(config, metadata, training_summary)
-        _atomic_write(card, lambda f: f.write(text.encode()))
-    return out
+    return write_adapter_files(save_directory, tensors, metadata, peft_config_dict(model), training_summary)
 
 
 # ---- reading ------------------------------------------------------------------------------------------------------
@@ -246,7 +287,10 @@ def read_adapter(src: str | os.PathLike | AdapterFiles, revision: str | None = N
                            f"{CONFIG_NAME} beside {WEIGHTS_NAME})")
     try:
         peft_config = json.loads(config_path.read_text())
-        config = LowRankConfig.from_peft_dict(peft_config)
+        if not isinstance(peft_config, dict):
+            raise TypeError(f"expected a JSON object, got {type(peft_config).__name__}")
+        metadata = _read_metadata(weights_path) if weights_path.is_file() else {}
+        config = LowRankConfig.from_peft_dict(peft_config, **_config_overrides(peft_config, metadata))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise AdapterError(f"{config_path} is not valid JSON for a LoRA config: {e}") from None
     except ValueError as e:
@@ -266,11 +310,43 @@ def read_adapter(src: str | os.PathLike | AdapterFiles, revision: str | None = N
                            "fresh copy") from None
     if not tensors:
         raise AdapterError(f"{weights_path} holds no tensors")
+    recorded = metadata.get(META + "sha256")
+    if recorded and recorded != tensor_digest(tensors):
+        raise AdapterError(f"{weights_path} is corrupted: its tensors do not match the sha256 recorded in its header "
+                           "when it was saved; save the adapter again or pull a fresh copy")
     for k, t in tensors.items():
         if t.numel() == 0:
             raise AdapterError(f"{weights_path}: tensor {k} is empty (shape {tuple(t.shape)}), as ZeRO-3 saves without "
                                "gathering produce; this adapter cannot be used")
     return AdapterFiles(folder, config, peft_config, tensors, metadata)
+
+
+def _read_metadata(weights_path: Path) -> dict[str, str]:
+    """The safetensors header metadata, or {} when the header cannot be read (read_adapter reports that)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, ValueError):
+        return {}
+
+
+#: PEFT adds the new head to modules_to_save for these tasks even when the config says null.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+def _config_overrides(peft_config: dict[str, Any], metadata: dict[str, str]) -> dict[str, Any]:
+    """Fields adapter_config.json does not hold: quantization (ours records it; PEFT-written adapters get None, a
+    16-bit base) and an explicit empty modules_to_save where the file has none, so nothing extra is expected."""
+    overrides: dict[str, Any] = {"quantization": None}
+    with contextlib.suppress(ValueError, TypeError):
+        quant = json.loads(metadata.get(META + "quantization") or "{}")
+        overrides.update({k: v for k, v in quant.items() if k in ("quantization", "double_quant", "compute_dtype",
+                                                                    "quant_storage")})
+    if peft_config.get("modules_to_save") is None and peft_config.get("task_type") not in _HEAD_TASKS:
+        overrides["modules_to_save"] = []
+    return overrides
 
 
 # ---- checking against a model and loading --------------------------------------------------------------------------
@@ -339,9 +415,13 @@ def load_adapter(model: nn.Module, src: str | os.PathLike | AdapterFiles, revisi
     files = read_adapter(src, revision)
     check_adapter(model, files)
     _warn_if_other_base(model, files)
-    if not any(True for _ in lora_layers(model)):
-        inject(model, files.config)
     cfg = files.config
+    if not any(True for _ in lora_layers(model)):
+        inject(model, cfg)
+    else:  # the layers are there already: take the file's scaling and saved modules, keep our quantization settings
+        model.lowrank_config = model.lowrank_config.replace(
+            r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, rank_pattern=dict(cfg.rank_pattern),
+            alpha_pattern=dict(cfg.alpha_pattern), modules_to_save=cfg.modules_to_save)
     for name, layer in lora_layers(model):
         layer.alpha = cfg.alpha_for(name)
         layer.use_rslora = cfg.use_rslora
