@@ -1,0 +1,347 @@
+"""Adapter files: exact keys and header, round trips, strict loading that never half-loads, all-or-nothing saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny, tokens
+
+import hf_lowrank
+from hf_lowrank.state import AdapterError, load_adapter, read_adapter, save_adapter
+
+LLAMA_MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj"]
+GPT2_MODULES = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+METADATA_KEYS = {"format", "hf_lowrank.version", "hf_lowrank.base_model", "hf_lowrank.base_revision",
+                 "hf_lowrank.base_architecture", "hf_lowrank.quantization", "hf_lowrank.fingerprint",
+                 "hf_lowrank.modules", "hf_lowrank.sha256"}
+
+
+def cfg(**kw) -> hf_lowrank.LowRankConfig:
+    base = dict(r=4, lora_alpha=8, lora_dropout=0.0, quantization=None)
+    base.update(kw)
+    return hf_lowrank.LowRankConfig(**base)
+
+
+def adapted(path, config, cls_name="AutoModelForCausalLM", seed=1):
+    """A model with adapters whose B is random (so the adapter changes the output)."""
+    import transformers
+
+    model = hf_lowrank.from_pretrained(getattr(transformers, cls_name), path, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in hf_lowrank.lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits.float()
+
+
+def tensors_of(folder):
+    from safetensors import safe_open
+
+    with safe_open(Path(folder) / "adapter_model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+# ---- format ------------------------------------------------------------------------------------------------------
+
+
+def test_llama_keys_shapes_and_header(tiny_llama, tmp_path):
+    model = adapted(tiny_llama, cfg(r=8))
+    save_adapter(model, tmp_path, training_summary={"steps": 3})
+    tensors, meta = tensors_of(tmp_path)
+    expected = sorted(f"base_model.model.model.layers.{i}.{m}.lora_{ab}.weight"
+                      for i in range(2) for m in LLAMA_MODULES for ab in "AB")
+    assert sorted(tensors) == expected
+    assert len(expected) == 28
+    out_in = {"q_proj": (128, 128), "k_proj": (64, 128), "v_proj": (64, 128), "o_proj": (128, 128),
+              "gate_proj": (256, 128), "up_proj": (256, 128), "down_proj": (128, 256)}
+    for key, t in tensors.items():
+        out_f, in_f = out_in[key.split(".")[-3]]
+        assert tuple(t.shape) == ((8, in_f) if ".lora_A." in key else (out_f, 8)), key
+        assert t.dtype == torch.float32 and t.is_contiguous()
+    assert set(meta) == METADATA_KEYS | {"hf_lowrank.training"}
+    assert meta["format"] == "pt" and meta["hf_lowrank.version"] == hf_lowrank.__version__
+    assert meta["hf_lowrank.base_model"] == tiny_llama
+    assert meta["hf_lowrank.base_architecture"] == "LlamaForCausalLM"
+    assert json.loads(meta["hf_lowrank.quantization"]) == {"quantization": None}
+    assert json.loads(meta["hf_lowrank.modules"])["model.layers.0.self_attn.k_proj"] == [64, 128]
+    assert json.loads(meta["hf_lowrank.training"]) == {"steps": 3}
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(m.split(".")[-1] for m in LLAMA_MODULES)
+    assert config["base_model_name_or_path"] == tiny_llama and config["r"] == 8
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "steps" in card
+
+
+def test_gpt2_keys_and_conv1d_shapes(tiny_gpt2, tmp_path):
+    model = adapted(tiny_gpt2, cfg())
+    save_adapter(model, tmp_path)
+    tensors, meta = tensors_of(tmp_path)
+    assert sorted(tensors) == sorted(f"base_model.model.transformer.h.{i}.{m}.lora_{ab}.weight"
+                                     for i in range(2) for m in GPT2_MODULES for ab in "AB")
+    # Conv1D stores its weight (in, out); LoRA's A and B are still r×in and out×r, as PEFT writes them
+    assert tuple(tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape) == (4, 128)
+    assert tuple(tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape) == (384, 4)
+    assert tuple(tensors["base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight"].shape) == (4, 512)
+    assert set(meta) == METADATA_KEYS
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+def test_bfloat16_halves_the_tensor_bytes(tiny_llama, tmp_path):
+    model = adapted(tiny_llama, cfg(r=8))
+    save_adapter(model, tmp_path / "fp32")
+    save_adapter(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    full, _ = tensors_of(tmp_path / "fp32")
+    half, _ = tensors_of(tmp_path / "bf16")
+    tensor_bytes = {k: sum(t.numel() * t.element_size() for t in d.values()) for k, d in (("fp32", full),
+                                                                                          ("bf16", half))}
+    assert tensor_bytes["bf16"] * 2 == tensor_bytes["fp32"] == 32768 * 4
+    for name in ("fp32", "bf16"):  # the file is the tensors plus a small header
+        header = (tmp_path / name / "adapter_model.safetensors").stat().st_size - tensor_bytes[name]
+        assert 0 < header < 8192
+    for k in full:
+        assert half[k].dtype == torch.bfloat16
+        torch.testing.assert_close(half[k].float(), full[k], rtol=1e-2, atol=1e-6)
+
+
+# ---- round trips -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,quantization", [("llama", None), ("gpt2", None), ("llama", "nf4")])
+def test_round_trip(tiny_llama, tiny_gpt2, tmp_path, kind, quantization):
+    path = tiny_llama if kind == "llama" else tiny_gpt2
+    config = cfg(quantization=quantization, use_rslora=True, alpha_pattern={"layers.1.*": 4.0})
+    x = tokens()
+    model = adapted(path, config, seed=1)
+    expected = logits(model, x)
+    with hf_lowrank.disabled_adapters(model):
+        base_out = logits(model, x)
+    save_adapter(model, tmp_path)
+
+    other = adapted(path, config, seed=2)  # same layers, other values: loading must overwrite every one
+    assert (logits(other, x) - expected).abs().max() > 1e-3
+    load_adapter(other, tmp_path)
+    assert (expected - base_out).abs().max() > 1e-3
+    torch.testing.assert_close(logits(other, x), expected, rtol=0, atol=0)
+
+
+def test_load_into_plain_model_injects_from_the_file(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    x = tokens()
+    model = adapted(tiny_llama, cfg(target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 8}))
+    expected = logits(model, x)
+    save_adapter(model, tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    before = logits(plain, x)
+    load_adapter(plain, tmp_path)
+    assert plain.model.layers[1].self_attn.q_proj.r == 8
+    assert (expected - before).abs().max() > 1e-3
+    torch.testing.assert_close(logits(plain, x), expected, rtol=0, atol=0)
+
+
+# ---- strict loading: every bad input leaves the model exactly as it was ------------------------------------------
+
+
+def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.sha256",)):
+    """Rewrite the weights file with keys dropped / added, as another tool (no sha256 of ours) would."""
+    from safetensors.torch import save_file
+
+    tensors, meta = tensors_of(folder)
+    tensors = {k: v for k, v in tensors.items() if k not in drop}
+    tensors.update(add or {})
+    save_file(tensors, str(Path(folder) / "adapter_model.safetensors"),
+              metadata={k: v for k, v in meta.items() if k not in metadata_drop})
+
+
+class Evil:
+    """Unpickling this creates a file: proof that a pickle was executed."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _break(case: str, folder: Path, tmp_path: Path, other_base: str) -> Path:
+    weights = folder / "adapter_model.safetensors"
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj."
+    if case == "missing_key":
+        _rewrite(folder, drop=[q0 + "lora_B.weight"])
+    elif case == "unexpected_key":
+        _rewrite(folder, add={"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.ones(4, 128)})
+    elif case == "shape_mismatch":
+        save_adapter(adapted(other_base, cfg(target_modules=["q_proj", "v_proj"])), folder)
+    elif case == "corrupted_header":
+        data = bytearray(weights.read_bytes())
+        data[8:40] = b"\xff" * 32
+        weights.write_bytes(bytes(data))
+    elif case == "corrupted_data":
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0x40
+        weights.write_bytes(bytes(data))
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif case == "empty_tensor":
+        _rewrite(folder, drop=[q0 + "lora_A.weight"], add={q0 + "lora_A.weight": torch.empty(0)})
+    elif case == "missing_config":
+        (folder / "adapter_config.json").unlink()
+    elif case == "bad_config":
+        (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    elif case == "no_folder":
+        return tmp_path / "does-not-exist"
+    elif case == "pickle":
+        weights.unlink()
+        with open(folder / "adapter_model.bin", "wb") as f:
+            pickle.dump(Evil(str(tmp_path / "unpickled")), f)
+    return folder
+
+
+BAD = {
+    "missing_key": r"1 missing key\(s\), e.g. \['model.layers.0.self_attn.q_proj.lora_B.weight'\]",
+    "unexpected_key": r"1 unexpected key\(s\), e.g. \['model.layers.0.mlp.up_proj.lora_A.weight'\]",
+    "shape_mismatch": "shape mismatch",
+    "corrupted_header": "corrupted or truncated",
+    "corrupted_data": "do not match the sha256",
+    "truncated": "corrupted or truncated",
+    "empty_tensor": "is empty",
+    "missing_config": "adapter_config.json is missing",
+    "bad_config": "not valid JSON",
+    "no_folder": "does not exist",
+    "pickle": "never unpickles",
+}
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory) -> str:
+    """A Llama with another width: an adapter for it does not fit tiny_llama."""
+    return save_tiny(tmp_path_factory.mktemp("llama_wide"), "llama", hidden_size=192, num_attention_heads=3,
+                     num_key_value_heads=3)
+
+
+@pytest.mark.parametrize("target", ["with_adapters", "plain"])
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_leaves_model_unchanged(tiny_llama, other_base, tmp_path, case, target):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "adapter"
+    save_adapter(adapted(tiny_llama, cfg(target_modules=["q_proj", "v_proj"]), seed=1), folder)
+    src = _break(case, folder, tmp_path, other_base)
+
+    if target == "plain":
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    else:
+        model = adapted(tiny_llama, cfg(target_modules=["q_proj", "v_proj"]), seed=2)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(AdapterError, match=BAD[case]) as err:
+        load_adapter(model, src)
+    if case == "shape_mismatch":  # names the base the adapter was trained on
+        assert other_base in str(err.value) and "adapter [4, 192] vs this model [4, 128]" in str(err.value)
+    if case not in ("no_folder",):
+        assert str(folder) in str(err.value)
+    assert not (tmp_path / "unpickled").exists()
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    after = model.state_dict()
+    assert after.keys() == snapshot.keys()
+    for k, v in snapshot.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_peft_written_without_sha_is_accepted(tiny_llama, tmp_path):
+    """No sha256 in the header (PEFT's files) is fine: the header and key checks still apply."""
+    save_adapter(adapted(tiny_llama, cfg()), tmp_path)
+    _rewrite(tmp_path)
+    assert "hf_lowrank.sha256" not in read_adapter(tmp_path).metadata
+
+
+# ---- saving --------------------------------------------------------------------------------------------------------
+
+
+def test_refuses_empty_tensors_and_keeps_previous(tiny_llama, tmp_path):
+    model = adapted(tiny_llama, cfg(target_modules=["q_proj"]))
+    save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    gathered_nothing = {f"{n}.lora_{ab}.weight": torch.empty(0) for n, _ in hf_lowrank.lora_layers(model)
+                        for ab in "AB"}  # what an ungathered ZeRO-3 state dict holds
+    with pytest.raises(AdapterError, match="refusing to save .* the tensor is empty"):
+        save_adapter(model, tmp_path, state_dict=gathered_nothing)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+KILLED_SAVE = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    import hf_lowrank
+    from hf_lowrank.state import save_adapter
+
+    folder, mode = sys.argv[1], sys.argv[2]
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
+    hf_lowrank.inject(model, hf_lowrank.LowRankConfig(r=1024 if mode == "random" else 8, target_modules=["0"],
+                                                      quantization=None, modules_to_save=[]))
+    def fill(value):
+        with torch.no_grad():
+            model[0].lora_A.weight.fill_(value)
+            model[0].lora_B.weight.fill_(value)
+    fill(1.0)
+    save_adapter(model, folder)
+    print("ready", flush=True)
+    if mode == "fsync":  # die the moment the new weights are written, before any rename
+        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+        fill(2.0)
+        save_adapter(model, folder)
+    else:  # save new values until killed from outside, at whatever point the write has reached
+        value = 1.0
+        while True:
+            value += 1.0
+            fill(value)
+            save_adapter(model, folder)
+""")
+
+
+def _reload_values(folder) -> set[float]:
+    files = read_adapter(folder)  # checks header, sha256 and empty tensors
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
+    load_adapter(model, files)
+    layer = model[0]
+    return set(layer.lora_A.weight.unique().tolist()) | set(layer.lora_B.weight.unique().tolist())
+
+
+@pytest.mark.parametrize("mode", ["fsync", "random"])
+def test_killed_save_leaves_previous_adapter_loadable(tmp_path, mode):
+    script = tmp_path / "save.py"
+    script.write_text(KILLED_SAVE.format(tests=str(Path(__file__).parent)))
+    folder = tmp_path / "adapter"
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), mode], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        if mode == "random":  # kill while a temporary file exists, i.e. in the middle of a save
+            while not list(folder.glob(".adapter_model.safetensors.*.tmp")):
+                time.sleep(0.001)
+            os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=120) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    values = _reload_values(folder)
+    assert len(values) == 1  # one whole save, never a mix
+    if mode == "fsync":
+        assert values == {1.0}
+        assert list(folder.glob(".adapter_model.safetensors.*.tmp"))  # the new file was complete, yet not renamed
