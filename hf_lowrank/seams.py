@@ -63,6 +63,7 @@ def install(hooked: bool | None = None) -> None:
     Trainer.__init__ = _wrap_init(Trainer.__init__)
     Trainer._load_from_checkpoint = _wrap_load_from_checkpoint(Trainer._load_from_checkpoint)
     Trainer._load_best_model = _wrap_load_best_model(Trainer._load_best_model)
+    install_hub_seams(Trainer)
     if "__new__" not in TrainingArguments.__dict__:
         TrainingArguments.__new__ = staticmethod(_training_arguments_new)
 
@@ -140,3 +141,67 @@ def _wrap_load_best_model(original):
 
     _load_best_model.__wrapped__ = original
     return _load_best_model
+
+
+# ---- Hub seams (9-10): `TrainingArguments(push_to_hub=True)` for adapter models ------------------------------------
+#
+# 9. `Trainer._push_from_checkpoint` copies a checkpoint's adapter files into the pushed `output_dir` only when
+#    `peft` is installed (else each "Training in progress" commit carries no adapter): for our models we copy
+#    `adapter_model.safetensors` and `adapter_config.json` (and the card when there is none) ourselves.
+# 10. `Trainer.create_model_card` overwrites README.md with its training summary and then, when the card it replaced
+#    said `library_name: peft`, calls `model.create_or_update_model_card(output_dir)`, which only `PeftModel` has
+#    (AttributeError otherwise). Our models get one that merges the adapter card (library_name, base_model, tags,
+#    settings, usage) into the summary; it also runs when the old card was not an adapter card.
+
+
+def install_hub_seams(trainer_cls) -> None:
+    """Wrap `_push_from_checkpoint` and `create_model_card` of `trainer_cls` (called once by `install`)."""
+    trainer_cls._push_from_checkpoint = _wrap_push_from_checkpoint(trainer_cls._push_from_checkpoint)
+    trainer_cls.create_model_card = _wrap_create_model_card(trainer_cls.create_model_card)
+
+
+def _wrap_push_from_checkpoint(original):
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if _ours(self.model) and self.is_world_process_zero():
+            import shutil
+
+            out = self.args.output_dir
+            for name in (ADAPTER_WEIGHTS, "adapter_config.json"):
+                if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(out, name))
+            card = os.path.join(checkpoint_folder, "README.md")
+            if os.path.isfile(card) and not os.path.isfile(os.path.join(out, "README.md")):
+                shutil.copy(card, os.path.join(out, "README.md"))
+        return original(self, checkpoint_folder)
+
+    _push_from_checkpoint.__wrapped__ = original
+    return _push_from_checkpoint
+
+
+def _update_adapter_card(model, output_dir: str, repo_id: str | None = None) -> None:
+    """Merge the adapter card into `output_dir/README.md` (the Trainer's summary); idempotent."""
+    from .card import merge_into_card
+    from .state import adapter_metadata, peft_config_dict
+
+    path = os.path.join(output_dir, "README.md")
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    merged = merge_into_card(text, peft_config_dict(model), adapter_metadata(model), repo_id=repo_id)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(merged)
+
+
+def _wrap_create_model_card(original):
+    def create_model_card(self, *args, **kwargs):
+        model = self.accelerator.unwrap_model(self.model) if self.model is not None else None
+        if not _ours(model) or not self.is_world_process_zero():
+            return original(self, *args, **kwargs)
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        model.create_or_update_model_card = lambda output_dir: _update_adapter_card(model, output_dir, repo_id)
+        original(self, *args, **kwargs)
+        _update_adapter_card(model, self.args.output_dir, repo_id)
+
+    create_model_card.__wrapped__ = original
+    return create_model_card

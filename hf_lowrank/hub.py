@@ -1,0 +1,306 @@
+"""Push and pull adapters on the Hugging Face Hub: only the adapter files travel, in one commit.
+
+    push_adapter(folder_or_model, "user/repo")      create_repo(exist_ok) → create_branch (when a revision is new)
+                                                     → ONE upload_folder commit of the allow-list below
+    pull_adapter("user/repo", revision="main")      snapshot_download of the allow-list into the Hub cache
+                                                     (HF_HUB_OFFLINE=1: from the cache only, no network)
+
+Everything goes through `huggingface_hub`, so `HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME` / `HF_HUB_CACHE` and
+`HF_HUB_OFFLINE` work as everywhere else; `endpoint=` overrides the endpoint per call. Every failure the user can
+fix (repo or revision not found, no token or a rejected one, someone else's private repo or namespace, server
+unreachable) becomes one `HubError` that names the repo and says what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+WEIGHTS_NAME, CONFIG_NAME, CARD_NAME = "adapter_model.safetensors", "adapter_config.json", "README.md"  # as state.py
+ADAPTER_FILES = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]  # what is pushed and pulled; nothing else ever leaves
+
+
+class HubError(RuntimeError):
+    """A Hub operation that failed for a reason the user can fix; the message names the repo and the fix."""
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------------
+
+
+def _endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or constants.ENDPOINT).rstrip("/")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's "could not talk to the server" exceptions (huggingface_hub 1.x uses httpx, 2.x httpx2)."""
+    errors: list[type[BaseException]] = []
+    for name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            errors.append(__import__(name).TransportError)
+    return tuple(errors)
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as set since (a notebook cell, a test)."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _where(repo_id: str, revision: str | None) -> str:
+    return f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+
+
+def _translate(e: BaseException, repo_id: str, revision: str | None, endpoint: str, action: str) -> HubError | None:
+    """The `HubError` for a huggingface_hub / transport exception, or None for one we do not recognise."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        LocalTokenNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = _where(repo_id, revision)
+    login = "set HF_TOKEN or run `hf auth login`"
+    if isinstance(e, LocalTokenNotFoundError):
+        return HubError(f"cannot {action} {where}: no Hugging Face token found; {login} (a token with write access "
+                        "is needed to push).")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"cannot {action} {where}: repo {repo_id!r} on {endpoint} has no revision {revision!r}. Use an "
+                        "existing branch, tag or commit (`huggingface_hub.list_repo_refs` lists them), or omit "
+                        "--revision for main.")
+    if isinstance(e, GatedRepoError):
+        return HubError(f"cannot {action} {where}: {repo_id!r} is gated; accept its conditions on its page on "
+                        f"{endpoint}, then {login}.")
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(f"cannot {action} {where}: repo {repo_id!r} was not found on {endpoint}, or it is private and "
+                        f"this token cannot read it. Check the repo id; for a private repo, {login} with a token of an "
+                        "account that has access.")
+    if isinstance(e, RemoteEntryNotFoundError):
+        return HubError(f"cannot {action} {where}: the repo has no {CONFIG_NAME}/{WEIGHTS_NAME}; it is not an "
+                        "adapter repo (push one with `hf-lowrank push DIR REPO`).")
+    if isinstance(e, HfHubHTTPError) and e.response is not None:
+        status = e.response.status_code
+        server_says = e.response.headers.get("X-Error-Message") or ""
+        if status == 401:
+            return HubError(f"cannot {action} {where}: {endpoint} rejected the token ({server_says or '401'}). It is "
+                            f"invalid, expired or lacks the needed scope; create a new one, then {login}.")
+        if status == 403:
+            return HubError(f"cannot {action} {where}: this token may not write to {repo_id!r} "
+                            f"({server_says or '403'}). Push to your own namespace ('<your-user>/<name>'), or ask "
+                            "the owner for write access and use a token with write scope.")
+        if status == 400:
+            return HubError(f"cannot {action} {where}: {endpoint} refused the request: {server_says or e}")
+    if isinstance(e, _transport_errors()) or (isinstance(e, LocalEntryNotFoundError) and not _offline()):
+        return HubError(f"cannot {action} {where}: {endpoint} is unreachable ({type(e).__name__}). Check the network, "
+                        "proxy and HF_ENDPOINT; adapters pulled before still load with HF_HUB_OFFLINE=1.")
+    if isinstance(e, LocalEntryNotFoundError):
+        return HubError(f"cannot {action} {where}: HF_HUB_OFFLINE=1 and it is not in the local Hub cache. Pull it "
+                        "once with network access (`hf-lowrank pull REPO`), or unset HF_HUB_OFFLINE.")
+    if isinstance(e, ValueError) and "README.md" in str(e):
+        return HubError(f"cannot {action} {where}: the Hub rejected README.md's metadata: {e}. Fix its YAML front "
+                        f"matter, or delete it to let hf_lowrank write a model card.")
+    return None
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None, endpoint: str | None, action: str):
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as e:
+        err = _translate(e, repo_id, revision, _endpoint(endpoint), action)
+        if err is None:
+            raise
+        raise err from e
+
+
+# ---- push -----------------------------------------------------------------------------------------------------------
+
+
+def _card_text(files, repo_id: str, revision: str | None) -> str | None:
+    """The README.md to push: ours, rewritten to name the repo, unless the user wrote or edited the card."""
+    from .card import model_card
+    from .state import META
+
+    training = json.loads(files.metadata.get(META + "training", "null"))
+    card = files.folder / CARD_NAME
+    if card.is_file():
+        current = card.read_text(encoding="utf-8", errors="replace")
+        generated = model_card(files.peft_config, files.metadata, training)
+        if current != generated:
+            return None  # the user's own card (or one edited by hand, or by the Trainer): push it as it is
+    return model_card(files.peft_config, files.metadata, training, repo_id=repo_id, revision=revision)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _stage(files, staging: Path, repo_id: str, revision: str | None) -> list[str]:
+    """Fill `staging` with the adapter files (hard links) and the card; returns the names staged."""
+    folder, names = files.folder, []
+    for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
+        if (folder / name).is_file():
+            _link_or_copy(folder / name, staging / name)
+            names.append(name)
+    card = _card_text(files, repo_id, revision)
+    if card is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (staging / CARD_NAME).unlink()
+        (staging / CARD_NAME).write_text(card, encoding="utf-8")
+        names = sorted(set(names) | {CARD_NAME})
+    return names
+
+
+def push_adapter(dir_or_model: Any, repo_id: str, *, private: bool = False, revision: str | None = None,
+                 commit_message: str | None = None, token: str | None = None, create_pr: bool = False,
+                 endpoint: str | None = None):
+    """Push an adapter (a saved folder, or a model with hf_lowrank adapters) to `repo_id` in ONE commit.
+
+    Only `adapter_model.safetensors`, `adapter_config.json` and `README.md` are uploaded; a model card is written
+    when the folder has none (and ours is refreshed to name the repo). The repo is created when missing (`private`
+    applies then); `revision` is a branch, created from main when missing; `create_pr=True` opens a pull request
+    against main instead of committing to it. Returns huggingface_hub's `CommitInfo` (`.oid`, `.commit_url`,
+    `.pr_url`). Raises `HubError` naming the repo and the fix.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    from .state import AdapterError, read_adapter, save_adapter
+
+    if create_pr and revision not in (None, "main"):
+        raise ValueError(f"push_adapter: create_pr=True opens a pull request against main; it cannot target "
+                         f"revision {revision!r}. Pass one or the other.")
+    token = token or get_token()
+    if not token:
+        raise HubError(f"cannot push to {_where(repo_id, revision)}: no Hugging Face token found; set HF_TOKEN or run "
+                       "`hf auth login` with a token that has write access.")
+    with tempfile.TemporaryDirectory(prefix="hf-lowrank-push-") as tmp:
+        if isinstance(dir_or_model, (str, os.PathLike)):
+            folder = Path(dir_or_model)
+            if not folder.is_dir():
+                raise AdapterError(f"push_adapter: {folder} is not a folder; pass the folder save_adapter wrote "
+                                   f"({WEIGHTS_NAME} + {CONFIG_NAME}) or the model itself")
+        else:
+            folder = save_adapter(dir_or_model, Path(tmp) / "adapter")
+        files = read_adapter(folder)  # refuse to publish a broken adapter
+        staging = Path(tmp) / "staging"
+        staging.mkdir()
+        _stage(files, staging, repo_id, revision)
+        api = HfApi(endpoint=endpoint, token=token)
+        with _hub_errors(repo_id, revision, endpoint, "push to"):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision not in (None, "main"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=staging, allow_patterns=ADAPTER_FILES,
+                                     revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "Upload LoRA adapter with hf-lowrank")
+
+
+# ---- pull -----------------------------------------------------------------------------------------------------------
+
+
+def pull_adapter(repo_id: str, *, revision: str | None = None, token: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> Path:
+    """Download the adapter files of `repo_id` at `revision` (branch, tag or commit; default main) into the Hub cache.
+
+    Returns the snapshot folder (only `adapter_model.safetensors`, `adapter_config.json`, `README.md`). A revision
+    already in the cache is not downloaded again; with `HF_HUB_OFFLINE=1` only the cache is used. Files land in
+    the cache atomically (huggingface_hub downloads to `.incomplete` then renames), so an interrupted pull leaves
+    nothing half-written. Raises `HubError` naming the repo and the fix.
+    """
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(repo_id, revision, endpoint, "pull"):
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                        allow_patterns=ADAPTER_FILES, endpoint=endpoint, local_files_only=_offline()))
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise HubError(f"cannot pull {_where(repo_id, revision)}: the repo has no {' or '.join(missing)}; it is not an "
+                       "adapter repo in PEFT's format (push one with `hf-lowrank push DIR REPO`).")
+    return folder
+
+
+def copy_adapter(folder: Path, output: str | os.PathLike) -> Path:
+    """Copy the adapter files of `folder` into `output`, all or nothing (a staged sibling folder, then renames)."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise HubError(f"--output {out} is a file; give a folder (it is created when missing)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name in ADAPTER_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, staging / name)  # resolves the cache's symlinks
+        if not out.exists():
+            os.replace(staging, out)
+            return out
+        for name in ADAPTER_FILES:
+            if (staging / name).is_file():
+                os.replace(staging / name, out / name)
+        return out
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
+
+
+def push_main(argv: list[str] | None = None) -> int:
+    """`hf-lowrank push DIR REPO [--private] [--revision BRANCH] [--message M] [--create-pr]`."""
+    p = argparse.ArgumentParser(prog="hf-lowrank push", description="Push an adapter folder (only its adapter files "
+                                "and model card) to the Hugging Face Hub in one commit.")
+    p.add_argument("folder", help="adapter folder (adapter_model.safetensors + adapter_config.json)")
+    p.add_argument("repo_id", help="Hub repo, 'user/name' or 'org/name'; created when missing")
+    p.add_argument("--private", action="store_true", help="create the repo private (no effect if it exists)")
+    p.add_argument("--revision", help="branch to commit to; created from main when missing")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    args = p.parse_args(argv)
+    from .state import AdapterError
+
+    try:
+        info = push_adapter(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                            commit_message=args.message, token=args.token, create_pr=args.create_pr)
+    except (HubError, AdapterError, ValueError) as e:
+        print(f"hf-lowrank push: {e}", file=sys.stderr)
+        return 1
+    print(info.pr_url or info.commit_url)
+    return 0
+
+
+def pull_main(argv: list[str] | None = None) -> int:
+    """`hf-lowrank pull REPO [--revision R] [--output DIR]`: prints the folder holding the adapter."""
+    p = argparse.ArgumentParser(prog="hf-lowrank pull", description="Download an adapter's files from the Hugging "
+                                "Face Hub (into the Hub cache, or a folder with --output).")
+    p.add_argument("repo_id", help="Hub repo, 'user/name'")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.add_argument("--output", help="copy the adapter files into this folder (created when missing)")
+    p.add_argument("--token", help="Hub token for private repos (default: HF_TOKEN or the saved token)")
+    args = p.parse_args(argv)
+    try:
+        folder = pull_adapter(args.repo_id, revision=args.revision, token=args.token)
+        if args.output:
+            folder = copy_adapter(folder, args.output)
+    except HubError as e:
+        print(f"hf-lowrank pull: {e}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
