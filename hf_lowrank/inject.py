@@ -187,10 +187,10 @@ def merge(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = getattr(torch, cfg.compute_dtype) if cfg is not None and cfg.quantization else model.dtype
-    state = merged_state_dict(model, dtype)
     plain_config = _plain_config(model.config)
     plain_config.dtype = str(dtype).split(".")[-1]
     merged = type(model)._from_config(plain_config, dtype=dtype)
+    state = merged_state_dict(model, dtype, layout=merged)
     missing, unexpected = merged.load_state_dict(state, strict=False)
     tied = set(getattr(merged, "all_tied_weights_keys", {}) or {})
     missing = [k for k in missing if k not in tied]
@@ -200,8 +200,16 @@ def merge(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module
     return merged.eval()
 
 
-def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The plain model's state dict: LoRA folded in, 4-bit weights dequantized, keys as in the original model."""
+def merged_state_dict(model: nn.Module, dtype: torch.dtype, layout: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The plain model's state dict: LoRA folded in, 4-bit weights dequantized, keys as in the original model.
+
+    Each folded weight is W0 + s·B·A computed in float32, then cast to `dtype` once. Weights come out (out, in) as
+    `nn.Linear` stores them, except where the module of that name in `layout` (the plain model they are meant for;
+    by default `model` itself) is a GPT-2 `Conv1D`, which stores (in, out). A 4-bit layer no longer shows which of
+    the two it was, hence `layout`.
+    """
+    layout = model if layout is None else layout
+    layout_modules = dict(layout.named_modules())
     state: dict[str, torch.Tensor] = {}
     handled: set[str] = set()
     for name, module in model.named_modules():
@@ -217,7 +225,9 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
         else:
             continue
         handled.add(name)
-        state[f"{name}.weight"] = (w.T if is_conv1d(base) else w).to(dtype).contiguous()
+        target = layout_modules.get(name)
+        conv = is_conv1d(target) or (isinstance(target, LoraLinear) and is_conv1d(target.base_layer))
+        state[f"{name}.weight"] = (w.T if conv else w).to(dtype).contiguous()
         if getattr(base, "bias", None) is not None:
             state[f"{name}.bias"] = base.bias.detach().to(dtype)
     for key, t in list(model.state_dict().items()):
