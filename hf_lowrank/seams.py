@@ -64,6 +64,9 @@ def install(hooked: bool | None = None) -> None:
     Trainer._load_from_checkpoint = _wrap_load_from_checkpoint(Trainer._load_from_checkpoint)
     Trainer._load_best_model = _wrap_load_best_model(Trainer._load_best_model)
     install_hub_seams(Trainer)
+    Trainer.save_model = _wrap_save_model(Trainer.save_model)
+    Trainer._save_optimizer_and_scheduler = _wrap_save_optimizer_and_scheduler(Trainer._save_optimizer_and_scheduler)
+    _wrap_deepspeed_load_checkpoint()
     if "__new__" not in TrainingArguments.__dict__:
         TrainingArguments.__new__ = staticmethod(_training_arguments_new)
 
@@ -77,6 +80,13 @@ def _training_arguments_new(cls, *args, **kwargs):
 def explicit_fields(args) -> frozenset[str] | None:
     """Fields passed to this `TrainingArguments` by name, or None when it was made before hf_lowrank was active."""
     return args.__dict__.get("_hf_lowrank_explicit")
+
+
+def _deepspeed_launch() -> bool:
+    """Under DeepSpeed (`accelerate launch` with a DeepSpeed config) gradients live in ZeRO's buffers, not `.grad`."""
+    from .quantize import launch_kind
+
+    return launch_kind() == "deepspeed"
 
 
 def _ours(model) -> bool:
@@ -97,7 +107,7 @@ def _wrap_init(original):
 
                 callbacks = list(bound.arguments.get("callbacks") or [])
                 if not any(isinstance(c, LowRankCallback) or c is LowRankCallback for c in callbacks):
-                    callbacks.append(LowRankCallback())
+                    callbacks.append(LowRankCallback(check_gradients=not _deepspeed_launch()))
                 bound.arguments["callbacks"] = callbacks
                 args, kwargs = bound.args[1:], bound.kwargs
         original(self, *args, **kwargs)
@@ -141,6 +151,93 @@ def _wrap_load_best_model(original):
 
     _load_best_model.__wrapped__ = original
     return _load_best_model
+
+
+# ---- distributed seams (6-8): ZeRO-3 and FSDP save only the adapters, DeepSpeed resumes adapter-only state --------
+#
+# 6. `Trainer.save_model` under ZeRO-3 gathers only trainable parameters for `PeftModel`s and otherwise needs
+#    `stage3_gather_16bit_weights_on_model_save` (a full-model gather) or writes an empty state dict; under FSDP it
+#    gathers the whole model (FULL_STATE_DICT) or nothing (SHARDED_STATE_DICT). For our models both gather the
+#    trainable parameters only, on every rank, and the main process writes them.
+# 7. DeepSpeed's own checkpoint (`engine.save_checkpoint`) excludes frozen parameters only for `PeftModel`s: for ours
+#    it holds the adapters' module state and the optimizer, not the 4-bit base.
+# 8. Resuming loads that checkpoint with `load_module_strict=True` unless the model is a `PeftModel`: for ours the
+#    module state is adapter-only, so it is loaded non-strictly (the base comes from from_pretrained).
+
+
+def _zero3(trainer) -> bool:
+    return bool(trainer.is_deepspeed_enabled and trainer.deepspeed is not None
+                and trainer.deepspeed.zero_optimization_partition_weights())
+
+
+def trainable_state_dict(trainer) -> dict | None:
+    """The trainable parameters of `trainer.model`, whole, on the main process (None elsewhere).
+
+    A collective under ZeRO-3 and FSDP: every rank must call it. ZeRO-3 uses DeepSpeed's layer-by-layer gather with
+    frozen parameters excluded; FSDP uses torch's `get_model_state_dict(full_state_dict, ignore_frozen_params)`.
+    """
+    if _zero3(trainer):
+        return trainer.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    if trainer.is_fsdp_enabled:
+        return full_trainable_state_dict(trainer.model_wrapped)
+    return None
+
+
+def full_trainable_state_dict(model) -> dict:
+    """Trainable parameters of an FSDP (1 or 2) model gathered whole on CPU; collective, every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def _wrap_save_model(original):
+    def save_model(self, output_dir=None, _internal_call: bool = False):
+        if not (_ours(self.model) and (_zero3(self) or self.is_fsdp_enabled)):
+            return original(self, output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state_dict = trainable_state_dict(self)  # collective: all ranks
+        if self.args.should_save:
+            logger.info("hf_lowrank: saving the gathered adapter (%d tensors) to %s", len(state_dict), output_dir)
+            self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    save_model.__wrapped__ = original
+    return save_model
+
+
+def _wrap_save_optimizer_and_scheduler(original):
+    def _save_optimizer_and_scheduler(self, output_dir):
+        engine = self.model_wrapped
+        if not (self.is_deepspeed_enabled and _ours(self.model) and hasattr(engine, "save_checkpoint")):
+            return original(self, output_dir)
+        save_checkpoint = engine.save_checkpoint
+        engine.save_checkpoint = lambda *a, **k: save_checkpoint(*a, **{"exclude_frozen_parameters": True, **k})
+        try:
+            return original(self, output_dir)
+        finally:
+            del engine.save_checkpoint  # back to the class method
+
+    _save_optimizer_and_scheduler.__wrapped__ = original
+    return _save_optimizer_and_scheduler
+
+
+def _wrap_deepspeed_load_checkpoint() -> None:
+    """`transformers.trainer.deepspeed_load_checkpoint` loads our adapter-only module state non-strictly."""
+    import transformers.trainer as hf_trainer
+
+    original = hf_trainer.deepspeed_load_checkpoint
+    if getattr(original, "__wrapped__", None) is not None:
+        return
+
+    def deepspeed_load_checkpoint(deepspeed_engine, checkpoint_path, load_module_strict=True):
+        if _ours(getattr(deepspeed_engine, "module", None)):
+            load_module_strict = False
+        return original(deepspeed_engine, checkpoint_path, load_module_strict=load_module_strict)
+
+    deepspeed_load_checkpoint.__wrapped__ = original
+    hf_trainer.deepspeed_load_checkpoint = deepspeed_load_checkpoint
 
 
 # ---- Hub seams (9-10): `TrainingArguments(push_to_hub=True)` for adapter models ------------------------------------
