@@ -46,27 +46,56 @@ def bnb_config(config: LowRankConfig, skip_modules: list[str] | None = None):
     )
 
 
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
 def launch_kind() -> str | None:
-    """"deepspeed", "fsdp", "ddp" or None, from what `accelerate launch` / `torchrun` put in the environment."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+    """"deepspeed", "fsdp", "ddp" or None (one process), from the launcher's environment.
+
+    `accelerate launch` with a DeepSpeed or FSDP config exports ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP;
+    a `TrainingArguments(deepspeed=...)` made before loading (under `torchrun` or `deepspeed`) leaves transformers'
+    DeepSpeed config alive; any other launch with WORLD_SIZE > 1 is plain data parallel.
+    """
+    if _truthy("ACCELERATE_USE_DEEPSPEED") or _transformers_deepspeed_config() is not None:
         return "deepspeed"
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if _truthy("ACCELERATE_USE_FSDP"):
         return "fsdp"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "ddp"
     return None
 
 
+def _transformers_deepspeed_config() -> dict | None:
+    """The DeepSpeed config a live `TrainingArguments(deepspeed=...)` registered with transformers, if any."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return None
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    return deepspeed_config()
+
+
 def current_device_map() -> dict[str, int | str]:
-    """The whole model on this process's device: one device per rank under a distributed launch, never "auto"."""
+    """The whole model on this process's device: one device per rank under a distributed launch, never "auto".
+
+    "auto" would spread one model over every visible GPU: under DDP each rank would then hold a model split across
+    all GPUs (DDP refuses such modules, or worse, ranks fight for memory).
+    """
     if torch.cuda.is_available():
-        rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
-        return {"": rank}
+        local_rank = os.environ.get("LOCAL_RANK")
+        return {"": int(local_rank) if local_rank is not None else torch.cuda.current_device()}
     return {"": "cpu"}
 
 
 def for_launch(config: LowRankConfig) -> LowRankConfig:
-    """FSDP and ZeRO-3 shard flat float tensors: store the 4-bit codes in the model dtype there."""
+    """`config` adjusted to the launch: under FSDP or DeepSpeed, store the 4-bit codes in the model dtype.
+
+    FSDP and ZeRO-3 shard parameters as flat float buffers (and cast them under mixed precision): uint8 codes cannot
+    be sharded with bf16 weights or would be cast. The bits are the same in a bf16 container, so this costs nothing;
+    under ZeRO-2 it is harmless. An explicit float `quant_storage` is kept.
+    """
     if launch_kind() in ("fsdp", "deepspeed") and config.quantization and config.quant_storage == "uint8":
         return config.replace(quant_storage=config.compute_dtype)
     return config
