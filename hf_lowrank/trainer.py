@@ -52,7 +52,7 @@ class LowRankCallback(TrainerCallback):
         default = next(f.default for f in dataclasses.fields(type(args)) if f.name == "optim")
         explicit = explicit_fields(args)
         chosen = explicit is not None and "optim" in explicit
-        if not chosen and OptimizerNames(args.optim) == OptimizerNames(default):
+        if not chosen and OptimizerNames(args.optim) == OptimizerNames(default) != OptimizerNames(self.default_optim):
             args.optim = OptimizerNames(self.default_optim)
             logger.info("hf_lowrank: optim left at its default (%s); using %s", OptimizerNames(default).value,
                         self.default_optim)
@@ -104,7 +104,10 @@ def training_summary(model, args=None, optimizer=None) -> str:
     trainable = [p for p in model.parameters() if p.requires_grad]
     paged = [p for p in trainable if p.numel() >= PAGE_MIN_NUMEL]
     paged_note = "no"
-    if optim and "paged" in str(optim):
+    on_cpu = all(p.device.type == "cpu" for p in trainable)
+    if optim and "paged" in str(optim) and on_cpu:
+        paged_note = "none: bitsandbytes does not page on CPU (its paged optimizers fall back to plain state there)"
+    elif optim and "paged" in str(optim):
         paged_note = (f"{len(paged)} of {len(trainable)} trainable tensors ({sum(p.numel() for p in paged):,} params); "
                       f"bitsandbytes pages only tensors of >= {PAGE_MIN_NUMEL:,} elements")
     return "\n".join([

@@ -42,7 +42,7 @@ def bert_config(**kw):
 
 
 def save_tiny(path, kind: str, seed: int = 0, **kw) -> str:
-    from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if kind == "llama":
