@@ -76,12 +76,13 @@ def _target_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: [layer.out_features, layer.in_features] for name, layer in lora_layers(model)}
 
 
-TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification":
-              "TOKEN_CLS", "ForConditionalGeneration": "SEQ_2_SEQ_LM", "ForQuestionAnswering": "QUESTION_ANS",
-              "Model": "FEATURE_EXTRACTION"}
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS", "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+              "ForQuestionAnswering": "QUESTION_ANS", "Model": "FEATURE_EXTRACTION"}
 
 
 def task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type from the model class name (GPT2LMHeadModel → CAUSAL_LM; BertModel → FEATURE_EXTRACTION)."""
     name = type(model).__name__
     return next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
 

@@ -99,7 +99,8 @@ def test_gpt2_keys_and_conv1d_shapes(tiny_gpt2, tmp_path):
     assert tuple(tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape) == (384, 4)
     assert tuple(tensors["base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight"].shape) == (4, 512)
     assert set(meta) == METADATA_KEYS
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["task_type"] == "CAUSAL_LM"  # GPT2LMHeadModel is a causal LM
 
 
 def test_bfloat16_halves_the_tensor_bytes(tiny_llama, tmp_path):
