@@ -187,6 +187,9 @@ def push_adapter(dir_or_model: Any, repo_id: str, *, private: bool = False, revi
     if create_pr and revision not in (None, "main"):
         raise ValueError(f"push_adapter: create_pr=True opens a pull request against main; it cannot target "
                          f"revision {revision!r}. Pass one or the other.")
+    if _offline():
+        raise HubError(f"cannot push to {_where(repo_id, revision)}: HF_HUB_OFFLINE=1 is set and a push needs the "
+                       "network; unset HF_HUB_OFFLINE (or set it to 0) to push.")
     token = token or get_token()
     if not token:
         raise HubError(f"cannot push to {_where(repo_id, revision)}: no Hugging Face token found; set HF_TOKEN or run "
