@@ -151,10 +151,17 @@ def nf4_roundtrip(w: torch.Tensor, files: AdapterFiles) -> torch.Tensor:
 def merge_tensors(tensors: dict[str, torch.Tensor], files: AdapterFiles, lay: Layout, known: set[str],
                   scalings: dict[str, tuple[int, float]], dtype: torch.dtype,
                   done: set[str]) -> dict[str, torch.Tensor]:
-    """One shard's tensors merged: 4-bit layers round-tripped through NF4, deltas added, saved modules replaced."""
+    """One shard's tensors merged: 4-bit layers round-tripped through NF4, deltas added, saved modules replaced.
+
+    For a QLoRA adapter every float tensor first goes through the compute dtype, as it did when the QLoRA model was
+    loaded, so the merged model holds the values the adapter was trained with.
+    """
     saved = saved_tensors(files)
+    load_dtype = getattr(torch, files.config.compute_dtype) if files.config.quantization else None
     out = {}
     for key, t in tensors.items():
+        if load_dtype is not None and t.is_floating_point():
+            t = t.to(load_dtype)
         module = lay.module_of(key, known)
         model_key = f"{module}.{key.rsplit('.', 1)[1]}"
         if model_key in saved:
