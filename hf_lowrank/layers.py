@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -72,8 +73,25 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x)  # (…, in) -> (…, out)
         if self.disabled or self.merged:
             return out
-        a = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (…, in) -> (…, r)
-        return out + (self.lora_B(a) * self.scaling).to(out.dtype)  # (…, r) -> (…, out)
+        if self._hooked():
+            # DeepSpeed ZeRO-3 gathers A and B only when their own modules are called (hooks on lora_A / lora_B).
+            a = self.lora_A(_cast(self.dropout(x), self.lora_A.weight.dtype))  # (…, in) -> (…, r)
+            return out + _cast(self.lora_B(a) * self.scaling, out.dtype)  # (…, r) -> (…, out)
+        # The adapter computes in the activations' dtype (bf16 under QLoRA): its small weights are cast, never the
+        # (…, in) input, so no copy of x is made or kept for backward; gradients reach the fp32 weights through the
+        # cast and the optimizer updates them in fp32 (what torch.autocast does to an fp32 LoRA under bf16).
+        a = F.linear(self.dropout(x), _cast(self.lora_A.weight, x.dtype))  # (…, in) -> (…, r)
+        # out + s·(a·Bᵀ) in one addmm: no (…, out) temporaries for the product and its scaling.
+        y = torch.addmm(out.reshape(-1, out.shape[-1]), _cast(a, out.dtype).reshape(-1, a.shape[-1]),
+                        _cast(self.lora_B.weight, out.dtype).T, alpha=self.scaling)  # (N, r) -> (N, out)
+        return y.view(out.shape)
+
+    def _hooked(self) -> bool:
+        """Whether calling lora_A / lora_B does more than the matmul (ZeRO-3 parameter gathering, user hooks)."""
+        from torch.nn.modules import module as m
+
+        return bool(self.lora_A._forward_pre_hooks or self.lora_B._forward_pre_hooks or self.lora_A._forward_hooks
+                    or self.lora_B._forward_hooks or m._global_forward_pre_hooks or m._global_forward_hooks)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·A, shape (out, in), in the adapter dtype."""
@@ -110,6 +128,11 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}"
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`; the tensor itself (no copy) when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def is_conv1d(module: nn.Module) -> bool:
