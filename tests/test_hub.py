@@ -166,6 +166,15 @@ def test_branches_tags_and_commits_as_revisions(online, tiny_llama):
     torch.testing.assert_close(logits(target), logits(second), rtol=0, atol=1e-6)
 
 
+def test_model_push_to_hub_and_save_pretrained_push_adapter_only(online, tiny_llama, tmp_path):
+    model = adapted(tiny_llama, quantization="nf4")
+    model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="alice/via-save")
+    model.push_to_hub("alice/via-mixin")  # transformers' PushToHubMixin, around our save_pretrained
+    for repo_id in ("alice/via-save", "alice/via-mixin"):
+        assert online.all_paths(repo_id) == ADAPTER | {".gitattributes"}, repo_id
+    assert sorted(os.listdir(tmp_path / "saved")) == sorted(ADAPTER)
+
+
 def _plain(base: str):
     from transformers import AutoModelForCausalLM
 
