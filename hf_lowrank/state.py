@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,19 +133,11 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _temp_file(target: Path, write: Callable[[str], None]) -> str:
-    """Write a temporary sibling of `target` with `write(path)` and flush it to disk; returns its path."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
+def _write_flushed(path: Path, write: Callable[[str], None]) -> None:
+    """`write(path)`, then flush the file to disk."""
+    write(str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -156,22 +149,26 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+TEMP_PREFIX = ".hf_lowrank-save-"
+
+
 def atomic_write_files(folder: Path, writers: dict[str, Callable[[str], None]]) -> None:
-    """Write every file to a flushed temporary sibling first, then rename each over its target.
+    """Write every file into a private temporary folder inside `folder`, flush each, then rename each over its target.
 
     A crash while writing (the slow part) leaves the previous files untouched; only the renames, which take
-    microseconds, run after the first target changes.
+    microseconds, run after the first target changes. What a killed save left behind (a `.hf_lowrank-save-*` folder)
+    is removed by the next save; one writer per folder is assumed.
     """
-    temps: dict[Path, str] = {}
+    for stale in folder.glob(TEMP_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=TEMP_PREFIX))
     try:
         for name, write in writers.items():
-            temps[folder / name] = _temp_file(folder / name, write)
-        for target, tmp in temps.items():
-            os.replace(tmp, target)
+            _write_flushed(tmp / name, write)
+        for name in writers:
+            os.replace(tmp / name, folder / name)
     finally:
-        for tmp in temps.values():
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(folder)
 
 

@@ -332,8 +332,8 @@ def test_killed_save_leaves_previous_adapter_loadable(tmp_path, mode):
     proc = subprocess.Popen([sys.executable, str(script), str(folder), mode], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        if mode == "random":  # kill while a temporary file exists, i.e. in the middle of a save
-            while not list(folder.glob(".adapter_model.safetensors.*.tmp")):
+        if mode == "random":  # kill while a save is writing its temporary files
+            while not list(folder.glob(".hf_lowrank-save-*/*")):
                 time.sleep(0.001)
             os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=120) == -signal.SIGKILL
@@ -345,4 +345,10 @@ def test_killed_save_leaves_previous_adapter_loadable(tmp_path, mode):
     assert len(values) == 1  # one whole save, never a mix
     if mode == "fsync":
         assert values == {1.0}
-        assert list(folder.glob(".adapter_model.safetensors.*.tmp"))  # the new file was complete, yet not renamed
+        assert [p.name for p in folder.glob(".hf_lowrank-save-*/*")] == ["adapter_model.safetensors"]  # complete,
+        # yet not renamed
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
+    hf_lowrank.inject(model, hf_lowrank.LowRankConfig(r=8, target_modules=["0"], quantization=None,
+                                                      modules_to_save=[]))
+    save_adapter(model, folder)  # the next save cleans up what the killed one left
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
