@@ -147,7 +147,7 @@ def hub_files(hub: HubServer, repo_id: str, revision: str = "main") -> set[str]:
     return set(hub.files(repo_id, revision))
 
 
-def test_branches_tags_and_commits_as_revisions(online, tiny_llama):
+def test_branches_and_commit_hashes_as_revisions(online, tiny_llama):
     first, second = adapted(tiny_llama, seed=1), adapted(tiny_llama, seed=2)
     main_info = push_adapter(first, "alice/branchy")  # a model object: saved to a temporary folder, then pushed
     dev_info = push_adapter(second, "alice/branchy", revision="dev")  # branch created from main
