@@ -17,6 +17,8 @@ from .inject import disabled_adapters, inject, lora_layers, merge, parameter_sum
 from .layers import LoraLinear
 
 __all__ = [
+    "AdapterError",
+    "HubError",
     "LoraLinear",
     "LowRankCallback",
     "LowRankConfig",
@@ -43,6 +45,8 @@ _LAZY = {
     "load_adapter": "state",
     "push_adapter": "hub",
     "pull_adapter": "hub",
+    "HubError": "hub",
+    "AdapterError": "state",
 }
 
 
