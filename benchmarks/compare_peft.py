@@ -25,6 +25,7 @@ bytes of its tensors, and the trainable-parameter count (asserted equal on both 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -50,7 +51,8 @@ METRICS = [
     ("train step (median)", "step_s", 0.9, "s"),
     ("train step, CPU time (median)", "step_cpu_s", None, "s"),
     ("peak RSS", "peak_rss_mib", 0.9, "MiB"),
-    ("peak RSS above imports", "peak_rss_delta_mib", 0.9, "MiB"),
+    ("peak RSS above imports, loading", "load_rss_delta_mib", 0.9, "MiB"),
+    ("peak RSS above imports, training", "train_rss_delta_mib", 0.9, "MiB"),
     ("adapter save", "save_s", 0.5, "s"),
     ("adapter load", "adapter_load_s", 0.5, "s"),
     ("adapter file bytes", "adapter_bytes", None, "B"),
@@ -72,17 +74,15 @@ def _rss_mib(field: str = "VmRSS") -> float:
 
 def _reset_peak_rss() -> None:
     """Reset VmHWM to the current RSS (Linux ≥ 4.0), so the peak measured afterwards belongs to what follows."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _load_ours(path: str):
-    import hf_lowrank.hook as hook
     from transformers import AutoModelForCausalLM
 
     import hf_lowrank
+    import hf_lowrank.hook as hook
 
     timing = {}
     real_inject = hook.inject
@@ -104,7 +104,7 @@ def _load_ours(path: str):
     return model, total - timing["inject_s"], timing["inject_s"]
 
 
-def _load_peft(path: str):
+def _load_peft(path: str, device_map=None):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -113,7 +113,7 @@ def _load_peft(path: str):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map={"": "cpu"})
+                                                 device_map=device_map or {"": "cpu"})
     model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -183,6 +183,8 @@ def worker(args) -> dict:
     _reset_peak_rss()
 
     model, load_s, inject_s = (_load_ours if args.side == "ours" else _load_peft)(args.model)
+    load_peak = _rss_mib("VmHWM")
+    _reset_peak_rss()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -204,13 +206,15 @@ def worker(args) -> dict:
     for p in params:
         if p.grad is not None:
             raise AssertionError("zero_grad left a gradient")
-    peak = _rss_mib("VmHWM")
+    train_peak = _rss_mib("VmHWM")
+    peak = max(load_peak, train_peak)
     with tempfile.TemporaryDirectory() as tmp:
         files = _save_and_load(args.side, model, Path(tmp))
     return {"side": args.side, "load_s": load_s, "inject_s": inject_s, "trainable": trainable,
             "step_s": statistics.median(times[args.warmup:]),
             "step_cpu_s": statistics.median(cpu_times[args.warmup:]), "first_loss": losses[0], "last_loss": losses[-1],
-            "import_rss_mib": import_rss, "peak_rss_mib": peak, "peak_rss_delta_mib": peak - import_rss, **files}
+            "import_rss_mib": import_rss, "peak_rss_mib": peak, "load_rss_delta_mib": load_peak - import_rss,
+            "train_rss_delta_mib": train_peak - import_rss, **files}
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------------

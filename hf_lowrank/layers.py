@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module  # the global forward hooks live there
 
 
 class LoraLinear(nn.Module):
@@ -88,8 +89,7 @@ class LoraLinear(nn.Module):
 
     def _hooked(self) -> bool:
         """Whether calling lora_A / lora_B does more than the matmul (ZeRO-3 parameter gathering, user hooks)."""
-        from torch.nn.modules import module as m
-
+        m = _torch_module
         return bool(self.lora_A._forward_pre_hooks or self.lora_B._forward_pre_hooks or self.lora_A._forward_hooks
                     or self.lora_B._forward_hooks or m._global_forward_pre_hooks or m._global_forward_hooks)
 

@@ -1,0 +1,384 @@
+"""hf-lowrank against PEFT + bitsandbytes on a GPU: throughput, peak memory, the memory floor, dequantization speed.
+
+Random-init Llama shapes (nothing from the Hub): each is built on the device in bf16, saved to a temporary folder
+and loaded back through `from_pretrained` by both sides, quantized to NF4 with double quantization and bf16 compute,
+with r=16 LoRA on every linear layer but the head (alpha 32, dropout 0.05), torch AdamW and non-reentrant gradient
+checkpointing on both sides. Each side of each model runs in its own process (ours first, then PEFT) and loops over
+the batch sizes, resetting the peak-memory counter before each.
+
+For every (model, batch) the table prints tokens/s and peak memory for both sides, and the analytic floor beside
+them:
+
+    floor = NF4+DQ weights (4.127 bits/param)  +  16-bit embeddings, head and norms
+          + LoRA params, grads and AdamW state (4 + 4 + 8 bytes/param, fp32)
+          + checkpointed activations (one bf16 hidden state per block: blocks × batch × seq × hidden × 2 bytes)
+
+(the logits, batch × seq × vocab in bf16 plus the fp32 copy the loss makes, are printed as a separate column: at a
+128k vocabulary they are often the largest single term). A dequantization microbenchmark times
+`bitsandbytes.functional.dequantize_4bit` (NF4 + DQ → bf16) on the model's largest weight and reports GB/s moved
+(packed codes and constants read, bf16 written) against the device's copy bandwidth, measured, and its data-sheet
+figure where known.
+
+    python benchmarks/gpu.py                       # CUDA: Llama 1B and 8B shapes, seq 2048, batch 1, 2, 4
+    python benchmarks/gpu.py --sizes 1b --batches 1,4 --steps 5
+    python benchmarks/gpu.py --cpu-tiny            # tiny shapes on CPU (the default without CUDA): checks the script
+
+On one H200 the default run takes a few minutes (most of it writing and quantizing the 8B checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: Llama shapes: blocks, hidden, intermediate, heads, kv heads, vocab, tied embeddings.
+SHAPES = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+    "1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),   # Llama 3.2 1B
+    "8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # Llama 3.1 8B
+}
+NF4_DQ_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 values + fp32 constant per 256 absmax blocks
+LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 param, fp32 grad, AdamW exp_avg + exp_avg_sq
+#: data-sheet memory bandwidth (bytes/s), matched against the device name
+SPEC_BANDWIDTH = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12,
+                  "A100 80GB PCIe": 1.94e12, "A100": 1.56e12, "L40S": 0.864e12, "L4": 0.3e12, "A10G": 0.6e12}
+
+
+def llama_config(size: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[size], max_position_embeddings=8192, rope_theta=500000.0, pad_token_id=0)
+
+
+# ---- the analytic floor --------------------------------------------------------------------------------------------
+
+
+def floor_bytes(size: str, batch: int, seq: int, r: int = 16) -> dict[str, float]:
+    """The memory a QLoRA step cannot do without, term by term (bytes)."""
+    s = SHAPES[size]
+    h, inter, L, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    linears = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]  # (in, out): q k v o gate up down
+    quantized = L * sum(i * o for i, o in linears)
+    embeddings = v * h * (1 if s["tie_word_embeddings"] else 2)
+    norms = (2 * L + 1) * h
+    lora = L * sum(r * (i + o) for i, o in linears)
+    terms = {
+        "weights": quantized * NF4_DQ_BITS / 8,
+        "embeddings": 2 * (embeddings + norms),
+        "lora": lora * LORA_BYTES_PER_PARAM,
+        "activations": L * batch * seq * h * 2,
+    }
+    terms["floor"] = sum(terms.values())
+    terms["logits"] = batch * seq * v * (2 + 4)
+    terms["lora_params"] = lora
+    return terms
+
+
+# ---- worker: one side, one model, every batch size -----------------------------------------------------------------
+
+
+def _peak_reset(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        from compare_peft import _reset_peak_rss
+
+        _reset_peak_rss()
+
+
+def _peak_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    from compare_peft import _rss_mib
+
+    return int(_rss_mib("VmHWM") * 2**20)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(args) -> dict:
+    import torch
+    from compare_peft import _common_imports, _load_ours, _load_peft
+
+    _common_imports()
+    device = args.device
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    if device == "cuda":
+        base_bytes = torch.cuda.memory_allocated()
+    else:  # on CPU the peak is RSS above what the interpreter and the libraries hold after the imports
+        from compare_peft import _rss_mib
+
+        base_bytes = int(_rss_mib() * 2**20)
+    if args.side == "ours":
+        model, load_s, inject_s = _load_ours(args.model)
+    else:
+        model, load_s, inject_s = _load_peft(args.model, {"": 0} if device == "cuda" else {"": "cpu"})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    dev = next(p.device for p in params)
+    results = []
+    for batch in args.batches:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(1, model.config.vocab_size, (batch, args.seq), generator=g).to(dev)
+        _peak_reset(device)
+        try:
+            times, losses = [], []
+            for _ in range(args.warmup + args.steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+                losses.append(loss.item())
+            step = statistics.median(times[args.warmup:])
+            results.append({"batch": batch, "step_s": step, "tokens_s": batch * args.seq / step,
+                            "peak_bytes": _peak_bytes(device) - base_bytes, "loss": losses[-1]})
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            results.append({"batch": batch, "oom": True})
+        del ids
+    return {"side": args.side, "load_s": load_s, "inject_s": inject_s, "trainable": trainable,
+            "results": results}
+
+
+# ---- dequantization microbenchmark ---------------------------------------------------------------------------------
+
+
+def dequant_bench(size: str, device: str, iters: int = 50) -> dict:
+    """GB/s of NF4+DQ → bf16 dequantization on the model's largest weight, against the device's copy bandwidth."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    s = SHAPES[size]
+    shape = (s["intermediate_size"], s["hidden_size"])
+    w = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    out = torch.empty_like(w)
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / iters
+
+    if device == "cuda":
+        dq = timed(lambda: bnbf.dequantize_4bit(packed, state, out=out))
+    else:  # bitsandbytes has no out= variant on CPU
+        dq = timed(lambda: bnbf.dequantize_4bit(packed, state))
+    moved = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size() \
+        + state.state2.absmax.numel() * 4 + out.numel() * out.element_size()
+    big = torch.empty(256 * 2**20 if device == "cuda" else 32 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(big)
+    copy = timed(lambda: dst.copy_(big))
+    spec = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        spec = next((bw for key, bw in SPEC_BANDWIDTH.items() if key in name), None)
+    return {"shape": list(shape), "dequant_s": dq, "bytes": moved, "gbs": moved / dq / 1e9,
+            "copy_gbs": 2 * big.numel() / copy / 1e9, "spec_gbs": spec / 1e9 if spec else None}
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------------
+
+
+def make_model(folder: Path, size: str, device: str) -> str:
+    """Random-init weights, built on the device in bf16 and saved as a checkpoint (on CUDA in a child process, so the
+    driver never holds device memory)."""
+    if device == "cpu":
+        import torch
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM._from_config(llama_config(size), dtype=torch.bfloat16).save_pretrained(folder)
+        return str(folder)
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from gpu import llama_config\n"
+        "from transformers import LlamaForCausalLM\n"
+        "torch.manual_seed(0)\n"
+        f"with torch.device({device!r}):\n"
+        f"    model = LlamaForCausalLM._from_config(llama_config({size!r}), dtype=torch.bfloat16)\n"
+        f"model.save_pretrained({str(folder)!r}, max_shard_size='5GB')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+    return str(folder)
+
+
+def _env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+
+
+def run_side(side: str, model: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--seq", str(args.seq),
+           "--batches", ",".join(map(str, args.batches)), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", args.device, "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{side} worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+
+
+def throughput_table(rows: list[tuple[str, int, dict, dict, dict]], peak_name: str) -> str:
+    lines = [f"| model | batch | ours tok/s | PEFT tok/s | ours/PEFT step time | ours {peak_name} | PEFT {peak_name} | "
+             "ours/PEFT memory | floor | ours/floor | PEFT/floor | logits (not in floor) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for model, batch, ours, peft, fl in rows:
+        def cell(r, key, fmt):
+            return "OOM" if r.get("oom") else fmt(r[key])
+
+        both = not ours.get("oom") and not peft.get("oom")
+        t_ratio = f"{ours['step_s'] / peft['step_s']:.2f}" if both else "–"
+        m_ratio = f"{ours['peak_bytes'] / peft['peak_bytes']:.2f}" if both else "–"
+        of = "–" if ours.get("oom") else f"{ours['peak_bytes'] / fl['floor']:.2f}"
+        pf = "–" if peft.get("oom") else f"{peft['peak_bytes'] / fl['floor']:.2f}"
+        tok = lambda v: f"{v:,.0f}"  # noqa: E731
+        lines.append(f"| {model} | {batch} | {cell(ours, 'tokens_s', tok)} | {cell(peft, 'tokens_s', tok)} | "
+                     f"{t_ratio} | {cell(ours, 'peak_bytes', _gib)} | {cell(peft, 'peak_bytes', _gib)} | {m_ratio} | "
+                     f"{_gib(fl['floor'])} | {of} | {pf} | {_gib(fl['logits'])} |")
+    return "\n".join(lines)
+
+
+def floor_table(sizes: list[str], batches: list[int], seq: int) -> str:
+    lines = ["| model | batch | NF4+DQ weights | 16-bit embeddings/norms | LoRA params+grads+AdamW | checkpointed "
+             "activations | floor |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for size in sizes:
+        for b in batches:
+            f = floor_bytes(size, b, seq)
+            lines.append(f"| {size} | {b} | {_gib(f['weights'])} | {_gib(f['embeddings'])} | {_gib(f['lora'])} | "
+                         f"{_gib(f['activations'])} | {_gib(f['floor'])} |")
+    return "\n".join(lines)
+
+
+def dequant_table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| model | weight (out × in) | dequantize NF4+DQ → bf16 | GB/s | device copy GB/s (measured) | "
+             "data-sheet GB/s | share of measured | share of data sheet |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for size, d in rows:
+        spec = f"{d['spec_gbs']:,.0f}" if d["spec_gbs"] else "–"
+        share_spec = f"{d['gbs'] / d['spec_gbs']:.0%}" if d["spec_gbs"] else "–"
+        lines.append(f"| {size} | {d['shape'][0]} × {d['shape'][1]} | {d['dequant_s'] * 1e6:,.0f} µs | "
+                     f"{d['gbs']:,.1f} | {d['copy_gbs']:,.1f} | {spec} | {d['gbs'] / d['copy_gbs']:.0%} | "
+                     f"{share_spec} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: 1b,8b on CUDA)")
+    p.add_argument("--batches", default=None, help="comma list (default: 1,2,4)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: 2048; 64 with --cpu-tiny)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per batch size")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument("--cpu-tiny", action="store_true", help="tiny shapes on CPU (the default when CUDA is absent)")
+    p.add_argument("--json", help="also write the raw results to this file")
+    p.add_argument("--worker", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--device", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        args.side = args.worker
+        args.batches = [int(b) for b in args.batches.split(",")]
+        print(json.dumps(worker(args)))
+        return 0
+
+    import torch
+
+    tiny = args.cpu_tiny or not torch.cuda.is_available()
+    if tiny and not args.cpu_tiny:
+        print("# no CUDA device: running --cpu-tiny", file=sys.stderr)
+    args.device = "cpu" if tiny else "cuda"
+    sizes = (args.sizes or ("tiny" if tiny else "1b,8b")).split(",")
+    for s in sizes:
+        if s not in SHAPES:
+            p.error(f"--sizes: unknown size {s!r}; choose from {', '.join(SHAPES)}")
+    args.batches = [int(b) for b in (args.batches or ("1,2" if tiny else "1,2,4")).split(",")]
+    args.seq = args.seq or (64 if tiny else 2048)
+    if tiny:
+        args.steps = min(args.steps, 2)
+
+    rows, dq_rows, raw = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            t0 = time.perf_counter()
+            path = make_model(Path(tmp) / size, size, args.device)
+            print(f"# {size}: checkpoint written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            sides = {}
+            for side in ("ours", "peft"):
+                t0 = time.perf_counter()
+                sides[side] = run_side(side, path, args)
+                print(f"# {size} {side}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            if sides["ours"]["trainable"] != sides["peft"]["trainable"]:
+                raise AssertionError(f"trainable counts differ on {size}: ours {sides['ours']['trainable']:,} vs "
+                                     f"PEFT {sides['peft']['trainable']:,}")
+            for o, q in zip(sides["ours"]["results"], sides["peft"]["results"], strict=True):
+                fl = floor_bytes(size, o["batch"], args.seq)
+                if fl["lora_params"] != sides["ours"]["trainable"]:
+                    raise AssertionError(f"floor counts {fl['lora_params']:,} LoRA params, the model has "
+                                         f"{sides['ours']['trainable']:,}")
+                rows.append((size, o["batch"], o, q, fl))
+            dq_rows.append((size, dequant_bench(size, args.device)))
+            raw.append({"size": size, **sides, "dequant": dq_rows[-1][1]})
+            shutil_rmtree(path)
+    where = "CPU, tiny shapes: a check of the script, not a measurement" if tiny else torch.cuda.get_device_name()
+    peak_name = "peak RSS above imports" if tiny else "peak allocated"
+    print(f"QLoRA on {where}: NF4 + double quant, bf16 compute, r=16 all-linear, seq {args.seq}, AdamW, "
+          f"non-reentrant gradient checkpointing, median of {args.steps} step(s)\n")
+    print(throughput_table(rows, peak_name))
+    print("\nThe floor, term by term\n")
+    print(floor_table(sizes, args.batches, args.seq))
+    print("\nDequantization\n")
+    print(dequant_table(dq_rows))
+    print("\ntrainable params: " + ", ".join(f"{r['size']} {r['ours']['trainable']:,} (both sides)" for r in raw))
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=2))
+    return 0
+
+
+def shutil_rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
