@@ -178,8 +178,9 @@ def test_adapter_is_complete_and_loads_back_to_the_trained_outputs(run):
         logits = model(input_ids=ids).logits.float()
         with hf_lowrank.disabled_adapters(model):
             base = model(input_ids=ids).logits.float()
-    torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=1e-4)
-    assert (base - trained["logits"]).abs().max() > 1e-2  # the adapter changes the outputs: not trivially equal
+    # the base computes in bf16: one ulp at |logit| ~ 1 is 0.0078, and thread counts change the summation order
+    torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=2e-2)
+    assert (base - trained["logits"]).abs().max() > 0.2  # the adapter changes the outputs far beyond that
 
 
 def _precision_of(setup: str):
