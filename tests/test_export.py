@@ -177,6 +177,17 @@ def test_inspect_describes_and_judges_runtimes(tiny_llama, tiny_bert, tmp_path, 
     out = capsys.readouterr().out
     assert re.search(r"vLLM\s+no: vLLM refuses modules_to_save \(classifier\)", out)
 
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    written = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), peft_config)
+    written.save_pretrained(tmp_path / "by_peft")
+    assert inspect_main([str(tmp_path / "by_peft")]) == 0
+    out = capsys.readouterr().out
+    assert "written by      another tool" in out and "quantization    not recorded" in out
+    assert re.search(r"parameters\s+1,024 \(float32\)", out)  # 2 layers × 2 × (128 + 128)
+
 
 def test_portable_export_same_outputs_with_one_alpha(tiny_llama, tmp_path, capsys):
     from peft import PeftModel
