@@ -400,7 +400,7 @@ def portable(files: AdapterFiles) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 def export_portable(files: AdapterFiles, out: Path) -> Path:
     tensors, config = portable(files)
-    metadata = {k: v for k, v in files.metadata.items() if k != META + "sha256"}
+    metadata = {k: v for k, v in files.metadata.items() if k != META + "crc32"}
     return write_adapter_files(out, tensors, metadata, config)
 
 

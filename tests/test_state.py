@@ -24,7 +24,7 @@ LLAMA_MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 GPT2_MODULES = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 METADATA_KEYS = {"format", "hf_lowrank.version", "hf_lowrank.base_model", "hf_lowrank.base_revision",
                  "hf_lowrank.base_architecture", "hf_lowrank.quantization", "hf_lowrank.fingerprint",
-                 "hf_lowrank.modules", "hf_lowrank.sha256"}
+                 "hf_lowrank.modules", "hf_lowrank.crc32"}
 
 
 def cfg(**kw) -> hf_lowrank.LowRankConfig:
@@ -159,8 +159,8 @@ def test_load_into_plain_model_injects_from_the_file(tiny_llama, tmp_path):
 # ---- strict loading: every bad input leaves the model exactly as it was ------------------------------------------
 
 
-def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.sha256",)):
-    """Rewrite the weights file with keys dropped / added, as another tool (no sha256 of ours) would."""
+def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.crc32",)):
+    """Rewrite the weights file with keys dropped / added, as another tool (no checksum of ours) would."""
     from safetensors.torch import save_file
 
     tensors, meta = tensors_of(folder)
@@ -219,7 +219,7 @@ BAD = {
     "unexpected_key": r"1 unexpected key\(s\), e.g. \['model.layers.0.mlp.up_proj.lora_A.weight'\]",
     "shape_mismatch": "shape mismatch",
     "corrupted_header": "corrupted or truncated",
-    "corrupted_data": "do not match the sha256",
+    "corrupted_data": "do not match the checksum",
     "truncated": "corrupted or truncated",
     "empty_tensor": "is empty",
     "missing_config": "adapter_config.json is missing",
@@ -265,11 +265,11 @@ def test_bad_input_leaves_model_unchanged(tiny_llama, other_base, tmp_path, case
         assert torch.equal(after[k], v), k
 
 
-def test_peft_written_without_sha_is_accepted(tiny_llama, tmp_path):
-    """No sha256 in the header (PEFT's files) is fine: the header and key checks still apply."""
+def test_peft_written_without_checksum_is_accepted(tiny_llama, tmp_path):
+    """No checksum in the header (PEFT's files) is fine: the header and key checks still apply."""
     save_adapter(adapted(tiny_llama, cfg()), tmp_path)
     _rewrite(tmp_path)
-    assert "hf_lowrank.sha256" not in read_adapter(tmp_path).metadata
+    assert "hf_lowrank.crc32" not in read_adapter(tmp_path).metadata
 
 
 # ---- saving --------------------------------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ KILLED_SAVE = textwrap.dedent("""
 
 
 def _reload_values(folder) -> set[float]:
-    files = read_adapter(folder)  # checks header, sha256 and empty tensors
+    files = read_adapter(folder)  # checks header, checksum and empty tensors
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
     load_adapter(model, files)
     layer = model[0]
