@@ -199,6 +199,8 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
         index, shards = None, [SINGLE_FILE]
     else:
         raise AdapterError(f"{base} has neither {SINGLE_FILE} nor {INDEX_FILE}: merge reads safetensors bases only")
+    if output.resolve() == base.resolve():
+        raise AdapterError(f"merge: --output {output} is the base folder itself; choose a new folder")
     lay = layout(files, base)
     scalings = module_scalings(files)
     known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved_tensors(files)}
@@ -399,6 +401,9 @@ def portable(files: AdapterFiles) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def export_portable(files: AdapterFiles, out: Path) -> Path:
+    if files.peft_config.get("use_dora"):
+        raise AdapterError(f"{files.config_path}: DoRA adapters have no single-alpha form (the magnitude vector "
+                           "rescales each output); merge the adapter with PEFT instead")
     tensors, config = portable(files)
     metadata = {k: v for k, v in files.metadata.items() if k != META + "crc32"}
     return write_adapter_files(out, tensors, metadata, config)
@@ -414,7 +419,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
                    "lora_alpha = r, no rsLoRA, no rank/alpha patterns")
     args = p.parse_args(argv)
     try:
-        files = read_adapter(args.adapter, revision=args.revision)
+        files = read_adapter(args.adapter, revision=args.revision, describe_only=True)
         print(describe(files))
         if args.export_portable:
             out = export_portable(files, Path(args.export_portable))

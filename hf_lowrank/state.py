@@ -280,8 +280,17 @@ def resolve_folder(src: str | os.PathLike, revision: str | None = None) -> Path:
     raise AdapterError(f"adapter folder {path} does not exist (nor is it a Hub repo id like 'user/name')")
 
 
-def read_adapter(src: str | os.PathLike | AdapterFiles, revision: str | None = None) -> AdapterFiles:
-    """Read and check an adapter folder (or repo id): config present and valid, weights safetensors and intact."""
+#: adapter_config.json features hf_lowrank cannot apply; `describe_only` reads such adapters for `inspect`.
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None}
+
+
+def read_adapter(src: str | os.PathLike | AdapterFiles, revision: str | None = None, *,
+                 describe_only: bool = False) -> AdapterFiles:
+    """Read and check an adapter folder (or repo id): config present and valid, weights safetensors and intact.
+
+    `describe_only=True` also accepts configs with features hf_lowrank cannot load (DoRA, biases,
+    layers_to_transform), for describing them; `peft_config` keeps the file's values.
+    """
     from safetensors import SafetensorError, safe_open
 
     if isinstance(src, AdapterFiles):
@@ -296,7 +305,8 @@ def read_adapter(src: str | os.PathLike | AdapterFiles, revision: str | None = N
         if not isinstance(peft_config, dict):
             raise TypeError(f"expected a JSON object, got {type(peft_config).__name__}")
         metadata = _read_metadata(weights_path) if weights_path.is_file() else {}
-        config = LowRankConfig.from_peft_dict(peft_config, **_config_overrides(peft_config, metadata))
+        readable = {**peft_config, **_UNSUPPORTED} if describe_only else peft_config
+        config = LowRankConfig.from_peft_dict(readable, **_config_overrides(peft_config, metadata))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise AdapterError(f"{config_path} is not valid JSON for a LoRA config: {e}") from None
     except ValueError as e:
