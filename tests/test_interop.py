@@ -170,7 +170,8 @@ def test_peft_written_loads_in_hf_lowrank(tiny_llama, tmp_path, case, quantized)
     assert_same(logits(ours, x), expected, base_out)
 
 
-def test_modules_to_save_both_ways(tiny_bert, tmp_path):
+@pytest.mark.parametrize("quantized", [False, True], ids=["16bit", "nf4"])
+def test_modules_to_save_both_ways(tiny_bert, tmp_path, quantized):
     """A BERT sequence-classification head saved in full: keys as PEFT writes them, and outputs both ways."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors import safe_open
@@ -178,7 +179,7 @@ def test_modules_to_save_both_ways(tiny_bert, tmp_path):
 
     x = tokens()
     torch.manual_seed(0)
-    ours = hf_lowrank.from_pretrained(Cls, tiny_bert, lowrank_cfg(BERT_CASE, False))
+    ours = hf_lowrank.from_pretrained(Cls, tiny_bert, lowrank_cfg(BERT_CASE, quantized))
     randomise_ours(ours)
     expected = logits(ours, x)
     with hf_lowrank.disabled_adapters(ours):
@@ -189,20 +190,23 @@ def test_modules_to_save_both_ways(tiny_bert, tmp_path):
     assert heads == ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]
 
     torch.manual_seed(123)  # a different fresh head: the saved one must replace it
-    fresh = Cls.from_pretrained(tiny_bert)
+    fresh = base_model(Cls, tiny_bert, quantized)
     with no_warnings():
         peft_model = PeftModel.from_pretrained(fresh, tmp_path / "ours")
     assert_same(logits(peft_model, x), expected, lora_off)
 
     torch.manual_seed(7)
-    written = get_peft_model(Cls.from_pretrained(tiny_bert), LoraConfig(**BERT_CASE, task_type="SEQ_CLS"))
+    written = get_peft_model(base_model(Cls, tiny_bert, quantized), LoraConfig(**BERT_CASE, task_type="SEQ_CLS"))
     randomise_peft(written, seed=3)
     expected = logits(written, x)
     written.save_pretrained(tmp_path / "peft")
     torch.manual_seed(8)
-    plain = Cls.from_pretrained(tiny_bert)
-    before = logits(plain, x)
-    assert_same(logits(load_adapter(plain, tmp_path / "peft"), x), expected, before)
+    if quantized:
+        ours = hf_lowrank.from_pretrained(Cls, tiny_bert, lowrank_cfg(BERT_CASE, True))
+    else:
+        ours = Cls.from_pretrained(tiny_bert)
+    before = logits(ours, x)
+    assert_same(logits(load_adapter(ours, tmp_path / "peft"), x), expected, before)
 
 
 def test_config_has_only_peft_fields(tiny_llama, tmp_path):
