@@ -77,12 +77,17 @@ def _transformers_deepspeed_config() -> dict | None:
     return deepspeed_config()
 
 
-def current_device_map() -> dict[str, int | str]:
+def current_device_map() -> dict[str, int | str] | None:
     """The whole model on this process's device: one device per rank under a distributed launch, never "auto".
 
     "auto" would spread one model over every visible GPU: under DDP each rank would then hold a model split across
-    all GPUs (DDP refuses such modules, or worse, ranks fight for memory).
+    all GPUs (DDP refuses such modules, or worse, ranks fight for memory). None when a `TrainingArguments` with a
+    ZeRO-3 config is alive: transformers then takes the ZeRO-3 init path, places the model itself and refuses any
+    `device_map`.
     """
+    config = _transformers_deepspeed_config()
+    if config is not None and config.get("zero_optimization", {}).get("stage") == 3:
+        return None
     if torch.cuda.is_available():
         local_rank = os.environ.get("LOCAL_RANK")
         return {"": int(local_rank) if local_rank is not None else torch.cuda.current_device()}

@@ -167,12 +167,7 @@ def test_adapter_is_complete_and_loads_back_to_the_trained_outputs(run):
 
     model = hf_lowrank.load(AutoModelForCausalLM, str(full / "final"))
     assert model.lowrank_config.quant_storage == SETUPS[setup][2]
-    sys.path.insert(0, str(FIXTURES))
-    try:
-        from dist_train import Batches
-    finally:
-        sys.path.remove(str(FIXTURES))
-    ids = Batches().ids[:2]
+    ids = _batch()
     model.eval()
     with torch.no_grad(), _precision_of(setup):
         logits = model(input_ids=ids).logits.float()
@@ -203,6 +198,36 @@ def test_resume_runs_only_the_remaining_steps_and_ends_where_the_full_run_ended(
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     full_losses, resumed_losses = _ranks(full)[0]["losses"], _ranks(resumed)[0]["losses"]
     assert resumed_losses[-SAVE_STEPS:] == pytest.approx(full_losses[-SAVE_STEPS:], rel=1e-6)
+
+
+def test_zero3_init_path_when_training_arguments_come_first(tiny_llama, tmp_path):
+    """TrainingArguments before from_pretrained: transformers loads under ZeRO-3 and refuses a device_map."""
+    pytest.importorskip("deepspeed", reason="pip install deepspeed (see integrations/README.md)")
+    from transformers import AutoModelForCausalLM
+
+    import hf_lowrank
+
+    out = tmp_path / "run"
+    accelerate_launch("deepspeed_zero3_qlora.yaml", tiny_llama, str(out), "--steps", "4", "--args-first",
+                      log=tmp_path / "run.log")
+    r0, r1 = _ranks(out)
+    assert r0["zero_stage"] == 3 and r0["steps_run"] == [1, 2, 3, 4] and r1["written"] == []
+    trained = _rank_tensors(out, 0)
+    saved = _adapter(out / "final")
+    assert len(saved) == 28 and all(t.numel() > 0 for t in saved.values())
+    model = hf_lowrank.load(AutoModelForCausalLM, str(out / "final"))
+    with torch.no_grad():
+        logits = model(input_ids=_batch()).logits.float()
+    torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=2e-2)
+
+
+def _batch() -> torch.Tensor:
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        from dist_train import Batches
+    finally:
+        sys.path.remove(str(FIXTURES))
+    return Batches().ids[:2]
 
 
 # ---- FSDP2 --------------------------------------------------------------------------------------------------------
