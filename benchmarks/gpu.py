@@ -336,29 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     if tiny:
         args.steps = min(args.steps, 2)
 
-    rows, dq_rows, raw = [], [], []
+    rows, dq_rows, raw, failed = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
-            t0 = time.perf_counter()
-            path = make_model(Path(tmp) / size, size, args.device)
-            print(f"# {size}: checkpoint written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            sides = {}
-            for side in ("ours", "peft"):
-                t0 = time.perf_counter()
-                sides[side] = run_side(side, path, args)
-                print(f"# {size} {side}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-            if sides["ours"]["trainable"] != sides["peft"]["trainable"]:
-                raise AssertionError(f"trainable counts differ on {size}: ours {sides['ours']['trainable']:,} vs "
-                                     f"PEFT {sides['peft']['trainable']:,}")
+            try:
+                sides = compare_size(size, Path(tmp) / size, args)
+            except (RuntimeError, subprocess.CalledProcessError) as e:  # report the other sizes all the same
+                print(f"# {size} failed: {e}", file=sys.stderr, flush=True)
+                failed.append(size)
+                continue
             for o, q in zip(sides["ours"]["results"], sides["peft"]["results"], strict=True):
-                fl = floor_bytes(size, o["batch"], args.seq)
-                if fl["lora_params"] != sides["ours"]["trainable"]:
-                    raise AssertionError(f"floor counts {fl['lora_params']:,} LoRA params, the model has "
-                                         f"{sides['ours']['trainable']:,}")
-                rows.append((size, o["batch"], o, q, fl))
-            dq_rows.append((size, dequant_bench(size, args.device)))
-            raw.append({"size": size, **sides, "dequant": dq_rows[-1][1]})
-            shutil_rmtree(path)
+                rows.append((size, o["batch"], o, q, floor_bytes(size, o["batch"], args.seq)))
+            raw.append({"size": size, **sides})
+    for size in sizes:  # after the training runs, so that this process held no device memory while they ran
+        dq_rows.append((size, dequant_bench(size, args.device)))
     where = "CPU, tiny shapes: a check of the script, not a measurement" if tiny else torch.cuda.get_device_name()
     peak_name = "peak RSS above imports" if tiny else "peak allocated"
     print(f"QLoRA on {where}: NF4 + double quant, bf16 compute, r=16 all-linear, seq {args.seq}, AdamW, "
@@ -369,9 +360,34 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDequantization\n")
     print(dequant_table(dq_rows))
     print("\ntrainable params: " + ", ".join(f"{r['size']} {r['ours']['trainable']:,} (both sides)" for r in raw))
+    if failed:
+        print(f"\nfailed: {', '.join(failed)} (see stderr)")
     if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=2))
-    return 0
+        Path(args.json).write_text(json.dumps({"runs": raw, "dequant": dict(dq_rows)}, indent=2))
+    return 1 if failed else 0
+
+
+def compare_size(size: str, folder: Path, args) -> dict:
+    """Write the checkpoint, run ours then PEFT on it (one process each), check both train the same parameters."""
+    t0 = time.perf_counter()
+    path = make_model(folder, size, args.device)
+    print(f"# {size}: checkpoint written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    sides = {}
+    try:
+        for side in ("ours", "peft"):
+            t0 = time.perf_counter()
+            sides[side] = run_side(side, path, args)
+            print(f"# {size} {side}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil_rmtree(path)
+    if sides["ours"]["trainable"] != sides["peft"]["trainable"]:
+        raise AssertionError(f"trainable counts differ on {size}: ours {sides['ours']['trainable']:,} vs "
+                             f"PEFT {sides['peft']['trainable']:,}")
+    lora = floor_bytes(size, 1, args.seq)["lora_params"]
+    if lora != sides["ours"]["trainable"]:
+        raise AssertionError(f"the floor counts {lora:,} LoRA params on {size}; the model has "
+                             f"{sides['ours']['trainable']:,}")
+    return sides
 
 
 def shutil_rmtree(path: str) -> None:

@@ -56,10 +56,11 @@ def test_gpu_cpu_tiny_prints_every_row(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| tiny |")]
     assert [r.split("|")[2].strip() for r in rows[:2]] == ["1", "2"], out  # throughput rows, batch 1 and 2
     assert len(rows) == 5, out  # + 2 floor rows + 1 dequantization row
-    raw = json.loads((tmp_path / "raw.json").read_text())[0]
-    assert raw["ours"]["trainable"] == raw["peft"]["trainable"] == 65_536
-    assert all("peak_bytes" in r for r in raw["ours"]["results"] + raw["peft"]["results"])
-    assert raw["dequant"]["gbs"] > 0
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    run = raw["runs"][0]
+    assert run["ours"]["trainable"] == run["peft"]["trainable"] == 65_536
+    assert all("peak_bytes" in r for r in run["ours"]["results"] + run["peft"]["results"])
+    assert raw["dequant"]["tiny"]["gbs"] > 0
 
 
 @pytest.mark.parametrize(("size", "lora"), [("1b", 11_272_192), ("8b", 41_943_040)])
