@@ -168,15 +168,21 @@ def setup_from_accelerate_config(path: str | os.PathLike) -> Setup:
         setup.kind = "fsdp"
         fsdp = dict(cfg.fsdp_config or {})
         setup.gradient_checkpointing = bool(fsdp.get("fsdp_activation_checkpointing", False))
-        if cfg.use_cpu:
-            setup.notes.append("FSDP with use_cpu: accelerate's FSDP plugin does not run on CPU (it errors or "
-                               "becomes DDP); FSDP needs GPUs")
+        if cfg.use_cpu or not _has_gpu():
+            setup.notes.append("FSDP without GPUs: accelerate's FSDP plugin does not shard on CPU (it errors, or "
+                               "with TrainingArguments(use_cpu=True) silently runs DDP); FSDP needs GPUs")
     elif setup.num_processes > 1 or dtype.startswith("MULTI_"):
         setup.kind = "ddp"
         if dtype == "MULTI_CPU" and not cfg.mpirun_config:
             setup.notes.append("MULTI_CPU: without mpirun, `accelerate launch` may run ONE process on a machine "
                                "without GPUs; use --multi_gpu --num_processes N with TrainingArguments(use_cpu=True)")
     return setup
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _zero_stage(ds: dict[str, Any], config_path: Path) -> int | None:

@@ -122,6 +122,7 @@ def test_both_ranks_train_and_end_with_equal_adapters(run):
         assert r["world_size"] == 2
         assert r["steps_run"] == list(range(1, STEPS + 1))
         assert r["deepspeed"] is (stage is not None) and r["zero_stage"] == stage
+        assert r["wrapper"] == ("DistributedDataParallel" if stage is None else "DeepSpeedEngine")
         assert r["quant_storage"] == storage  # set by hf_lowrank from the launch, not by the script
         assert len(r["losses"]) == STEPS and all(math.isfinite(x) for x in r["losses"])
     p0, p1 = _rank_tensors(full, 0)["params"], _rank_tensors(full, 1)["params"]
