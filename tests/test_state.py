@@ -352,3 +352,10 @@ def test_killed_save_leaves_previous_adapter_loadable(tmp_path, mode):
                                                       modules_to_save=[]))
     save_adapter(model, folder)  # the next save cleans up what the killed one left
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_adapter_modules_never_import_peft():
+    """peft is a test dependency only: reading, writing, merging and inspecting adapters work without it."""
+    code = ("import sys, hf_lowrank, hf_lowrank.state, hf_lowrank.export, hf_lowrank.card; "
+            "assert 'peft' not in sys.modules, 'peft was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
