@@ -48,8 +48,9 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
 METRICS = [
     ("load + quantize", "load_s", None, "s"),
     ("injection", "inject_s", None, "s"),
-    ("train step (median)", "step_s", 0.9, "s"),
+    ("train step (median)", "step_s", None, "s"),
     ("train step, CPU time (median)", "step_cpu_s", None, "s"),
+    ("train step, interleaved in one process", "step_interleaved_s", 0.9, "s"),
     ("peak RSS", "peak_rss_mib", 0.9, "MiB"),
     ("peak RSS above imports, loading", "load_rss_delta_mib", 0.9, "MiB"),
     ("peak RSS above imports, training", "train_rss_delta_mib", 0.9, "MiB"),
@@ -229,6 +230,37 @@ def worker(args) -> dict:
             "train_rss_delta_mib": train_peak - import_rss, **files}
 
 
+def interleaved_worker(args) -> dict:
+    """Both models in one process, training steps alternating ours / PEFT (who goes first alternates too): on a
+    shared machine, load that comes and goes then hits both sides alike, so the ratio is steadier than across runs."""
+    import torch
+
+    _common_imports()
+    import peft  # noqa: F401
+
+    torch.set_num_threads(args.threads)
+    sides = {}
+    for side, load in (("ours", _load_ours), ("peft", _load_peft)):
+        model = load(args.model)[0]
+        model.train()
+        sides[side] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    ids = torch.randint(1, sides["ours"][0].config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(0))
+    times = {"ours": [], "peft": []}
+    order = ["ours", "peft"]
+    for i in range(args.warmup + args.steps):
+        for side in order if i % 2 == 0 else order[::-1]:
+            model, opt = sides[side]
+            t0 = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[side].append(time.perf_counter() - t0)
+    pairs = [o / p for o, p in zip(times["ours"][args.warmup:], times["peft"][args.warmup:], strict=True)]
+    return {"ours_step_s": statistics.median(times["ours"][args.warmup:]),
+            "peft_step_s": statistics.median(times["peft"][args.warmup:]), "pair_ratio": statistics.median(pairs)}
+
+
 # ---- the driver ----------------------------------------------------------------------------------------------------
 
 
@@ -248,6 +280,7 @@ def make_model(folder: Path, size: str) -> str:
 
 
 def run_side(side: str, model: str, seq: int, batch: int, steps: int, warmup: int, threads: int) -> dict:
+    """One worker process (`side` is "ours", "peft" or "both" for the interleaved step timing); its JSON result."""
     cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--seq", str(seq), "--batch", str(batch),
            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
@@ -276,6 +309,8 @@ def table(cells: list[tuple[str, dict, dict]]) -> str:
     lines = ["| cell | metric | ours | PEFT | ours/PEFT | target |", "|---|---|---:|---:|---:|---|"]
     for name, ours, peft in cells:
         for label, key, target, unit in METRICS:
+            if ours[key] != ours[key]:  # NaN: not measured
+                continue
             ratio = ours[key] / peft[key] if peft[key] else float("nan")
             verdict = "" if target is None else (f"≤ {target} ✓" if ratio <= target else f"≤ {target} ✗")
             lines.append(f"| {name} | {label} | {_fmt(ours[key], unit)} | {_fmt(peft[key], unit)} | {ratio:.2f} | "
@@ -301,14 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the smallest cell only: small × seq 128")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, one run per side: checks the script")
     p.add_argument("--json", help="also write the raw runs to this file")
-    p.add_argument("--worker", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--interleaved-steps", type=int, default=None,
+                   help="steps per side in the one-process interleaved timing (default: --steps; 0 skips it)")
+    p.add_argument("--worker", choices=["ours", "peft", "both"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         args.side = args.worker
-        print(json.dumps(worker(args)))
+        print(json.dumps(interleaved_worker(args) if args.worker == "both" else worker(args)))
         return 0
     if args.quick:
         args.sizes, args.seqs = "small", "128"
@@ -335,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"# {size} seq {seq} {side}: step {runs[side][-1]['step_s']:.3f} s, peak RSS "
                               f"{runs[side][-1]['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
                 ours, peft = median_of(runs["ours"]), median_of(runs["peft"])
+                n = steps if args.interleaved_steps is None else args.interleaved_steps
+                if n:
+                    both = run_side("both", path, seq, args.batch, n, args.warmup, args.threads)
+                    ours["step_interleaved_s"], peft["step_interleaved_s"] = both["ours_step_s"], both["peft_step_s"]
+                    runs["interleaved"] = both
+                else:
+                    ours["step_interleaved_s"] = peft["step_interleaved_s"] = float("nan")
                 if ours["trainable"] != peft["trainable"]:
                     raise AssertionError(f"trainable counts differ: ours {ours['trainable']:,} vs PEFT "
                                          f"{peft['trainable']:,}; the two sides do not train the same adapters")
