@@ -81,11 +81,24 @@ class LoraLinear(nn.Module):
         # The adapter computes in the activations' dtype (bf16 under QLoRA): its small weights are cast, never the
         # (…, in) input, so no copy of x is made or kept for backward; gradients reach the fp32 weights through the
         # cast and the optimizer updates them in fp32 (what torch.autocast does to an fp32 LoRA under bf16).
-        a = F.linear(self.dropout(x), _cast(self.lora_A.weight, x.dtype))  # (…, in) -> (…, r)
+        x_in, scaling = self._dropout(x)
+        a = F.linear(x_in, _cast(self.lora_A.weight, x.dtype))  # (…, in) -> (…, r)
         # out + s·(a·Bᵀ) in one addmm: no (…, out) temporaries for the product and its scaling.
         y = torch.addmm(out.reshape(-1, out.shape[-1]), _cast(a, out.dtype).reshape(-1, a.shape[-1]),
-                        _cast(self.lora_B.weight, out.dtype).T, alpha=self.scaling)  # (N, r) -> (N, out)
+                        _cast(self.lora_B.weight, out.dtype).T, alpha=scaling)  # (N, r) -> (N, out)
         return y.view(out.shape)
+
+    def _dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(dropout(x) up to its 1/(1-p) factor, the scaling that factor is folded into).
+
+        On CPU, for p ≤ 0.5, the dropped positions are drawn as geometric gaps between drops: about n·p random
+        draws instead of bernoulli_'s n (the RNG is a fifth of a CPU training step otherwise), the same i.i.d.
+        Bernoulli(p) mask, drawn from the default generator, so checkpointing's recompute redraws the same one.
+        """
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
+        if 0.0 < p <= 0.5 and x.device.type == "cpu":
+            return x.masked_fill(_drop_mask(x.numel(), p).view(x.shape), 0), self.scaling / (1 - p)
+        return self.dropout(x), self.scaling
 
     def _hooked(self) -> bool:
         """Whether calling lora_A / lora_B does more than the matmul (ZeRO-3 parameter gathering, user hooks)."""
@@ -128,6 +141,18 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}"
+
+
+def _drop_mask(n: int, p: float) -> torch.Tensor:
+    """n i.i.d. Bernoulli(p) booleans (True = drop), from geometric gaps between consecutive drops."""
+    chunk = int(n * p + 6 * math.sqrt(n * p) + 16)  # enough draws but for a 6-sigma shortfall
+    ends = torch.empty(chunk, dtype=torch.float64).geometric_(p).cumsum_(0)  # 1-based positions of the drops
+    while ends[-1] <= n:
+        more = torch.empty(chunk, dtype=torch.float64).geometric_(p).cumsum_(0).add_(ends[-1])
+        ends = torch.cat([ends, more])
+    drop = torch.zeros(n, dtype=torch.bool)
+    drop[ends[ends <= n].long() - 1] = True
+    return drop
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
