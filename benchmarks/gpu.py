@@ -23,7 +23,7 @@ figure where known.
     python benchmarks/gpu.py --sizes 1b --batches 1,4 --steps 5
     python benchmarks/gpu.py --cpu-tiny            # tiny shapes on CPU (the default without CUDA): checks the script
 
-On one H200 the default run takes a few minutes (most of it writing and quantizing the 8B checkpoint).
+On one H200 the default run should take 5–10 minutes (mostly writing and quantizing the 8B checkpoint; not yet timed).
 """
 
 from __future__ import annotations
