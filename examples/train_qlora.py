@@ -25,9 +25,12 @@ def main():
 
     model_path = cli.model
     if model_path is None:  # a tiny random Llama and tokenizer written locally, so the example runs offline
+        from accelerate import PartialState
+
         from hf_lowrank.data import build_default_base
 
-        model_path = str(build_default_base(f"{cli.output_dir}/base-model"))
+        with PartialState().main_process_first():  # under a multi-process launch, rank 0 writes it first
+            model_path = str(build_default_base(f"{cli.output_dir}/base-model"))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)  # unchanged: the hook quantizes and injects
 

@@ -17,6 +17,7 @@ the adapters, their gradients and their optimizer state are the only full-precis
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -118,8 +119,6 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False  # see LoraLinear: the packed CPU path drops input gradients
     if hasattr(model, "enable_input_require_grads"):
-        try:
+        with contextlib.suppress(NotImplementedError):  # models without input embeddings
             model.enable_input_require_grads()
-        except NotImplementedError:  # models without input embeddings
-            pass
     return model

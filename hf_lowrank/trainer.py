@@ -68,7 +68,10 @@ class LowRankCallback(TrainerCallback):
     # ---- silent-failure guard -------------------------------------------------------------------------------------
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self._checked or not self.check_gradients or model is None or args.deepspeed:
+        from .quantize import launch_kind
+
+        if self._checked or not self.check_gradients or model is None or args.deepspeed or \
+                launch_kind() == "deepspeed":  # DeepSpeed keeps gradients in its own buffers
             return
         self._checked = True
         check_adapter_gradients(model)
