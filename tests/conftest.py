@@ -88,3 +88,19 @@ def _no_global_hook():
 def tokens(batch: int = 2, seq: int = 16, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (batch, seq), generator=g)
+
+
+def randomize_b(model, seed: int = 1, std: float = 0.05):
+    """Random B matrices (so the adapter changes the output); returns the model in eval mode."""
+    import hf_lowrank
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in hf_lowrank.lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * std)
+    return model.eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits.float()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tokens
+from conftest import logits, randomize_b, tokens  # noqa: F401
 
 import hf_lowrank
 from hf_lowrank.export import inspect_main, merge_main, sample_input
@@ -28,16 +28,7 @@ def adapted(path, seed=1, cls_name="AutoModelForCausalLM", **kw):
     base = dict(r=4, lora_alpha=8, lora_dropout=0.0, quantization=None)
     base.update(kw)
     model = hf_lowrank.from_pretrained(getattr(transformers, cls_name), path, hf_lowrank.LowRankConfig(**base))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in hf_lowrank.lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
-    return model.eval()
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits.float()
+    return randomize_b(model, seed)
 
 
 def relative_drift(a, b):

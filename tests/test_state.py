@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny, tokens
+from conftest import logits, randomize_b, save_tiny, tokens  # noqa: F401
 
 import hf_lowrank
 from hf_lowrank.state import AdapterError, load_adapter, read_adapter, save_adapter
@@ -38,16 +38,7 @@ def adapted(path, config, cls_name="AutoModelForCausalLM", seed=1):
     import transformers
 
     model = hf_lowrank.from_pretrained(getattr(transformers, cls_name), path, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in hf_lowrank.lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
-    return model.eval()
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits.float()
+    return randomize_b(model, seed)
 
 
 def tensors_of(folder):
