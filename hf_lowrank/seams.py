@@ -9,8 +9,12 @@
    load ours there (everything else goes to transformers' own code).
 5. Under the global hook, `Trainer.__init__` adds `LowRankCallback` (paged AdamW default, summary, gradient guard),
    and `TrainingArguments` records which fields the user passed, so an explicit `optim` wins.
+6-8. Distributed: ZeRO-3 / FSDP saves gather only the adapters; DeepSpeed checkpoints and resumes adapter-only state.
+9-10. Hub: checkpoint pushes carry the adapter files; the Trainer's model card works without `PeftModel`.
+(Each is described where it is implemented, below.)
 
-Each seam has a test in tests/test_seams.py that fails loudly when transformers moves it.
+Seams 1-5 are tested in tests/test_seams.py, 6-8 in tests/test_distributed.py, 9-10 in tests/test_hub.py; each test
+fails loudly when transformers moves its seam.
 """
 
 from __future__ import annotations
