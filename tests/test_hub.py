@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny, tokens
+from conftest import randomize_b, save_tiny, tokens
 from hub_server import HubServer
 
 import hf_lowrank
@@ -72,11 +72,7 @@ def online(hub, monkeypatch, tmp_path):
 
 def randomize(model, seed: int = 1, scale: float = 0.05):
     """Random B everywhere, so that the adapter changes the output (a zero B would make every comparison trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in hf_lowrank.lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * scale)
-    return model.eval()
+    return randomize_b(model, seed, scale)
 
 
 def cfg(**kw) -> hf_lowrank.LowRankConfig:

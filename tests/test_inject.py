@@ -12,17 +12,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import hf_lowrank
 from hf_lowrank import LoraLinear, LowRankConfig
-from tests.conftest import tokens
+from tests.conftest import randomize_b, tokens
 
 LLAMA_LINEARS = {"q_proj": (128, 128), "k_proj": (128, 64), "v_proj": (128, 64), "o_proj": (128, 128),
                  "gate_proj": (128, 256), "up_proj": (128, 256), "down_proj": (256, 128)}  # (in, out)
 
 
 def _randomize_adapters(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in hf_lowrank.lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    randomize_b(model, seed, std=0.1)
 
 
 def test_llama_all_linear_exact_targets_and_counts(tiny_llama):

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tokens
+from conftest import randomize_b, tokens
 
 import hf_lowrank
 from hf_lowrank.inject import saved_modules
@@ -102,10 +102,9 @@ def randomise_peft(model, seed: int = 1, std: float = 0.05) -> None:
 
 
 def randomise_ours(model, seed: int = 1, std: float = 0.05) -> None:
-    g = torch.Generator().manual_seed(seed)
+    randomize_b(model, seed, std)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for _, layer in hf_lowrank.lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * std)
         for _, module in saved_modules(model):
             for p in module.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
