@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .state import (
+    CHECKSUM,
     CONFIG_NAME,
     META,
     PREFIX,
@@ -405,7 +406,7 @@ def export_portable(files: AdapterFiles, out: Path) -> Path:
         raise AdapterError(f"{files.config_path}: DoRA adapters have no single-alpha form (the magnitude vector "
                            "rescales each output); merge the adapter with PEFT instead")
     tensors, config = portable(files)
-    metadata = {k: v for k, v in files.metadata.items() if k != META + "crc32"}
+    metadata = {k: v for k, v in files.metadata.items() if k != CHECKSUM}
     return write_adapter_files(out, tensors, metadata, config)
 
 

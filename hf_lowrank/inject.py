@@ -31,6 +31,37 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
             yield name, module
 
 
+@dataclass
+class AdapterModules:
+    """What one walk over a model finds: its LoRA layers and its `modules_to_save` modules, in module order."""
+
+    layers: list[tuple[str, LoraLinear]]
+    saved: list[tuple[str, nn.Module]]
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """Model-relative key → parameter for everything an adapter file holds (PEFT's keys without its prefix)."""
+        params: dict[str, nn.Parameter] = {}
+        for name, layer in self.layers:
+            params[f"{name}.lora_A.weight"] = layer.lora_A.weight
+            params[f"{name}.lora_B.weight"] = layer.lora_B.weight
+        for name, module in self.saved:
+            params.update((f"{name}.{p}", t) for p, t in module.named_parameters())
+        return params
+
+
+def adapter_modules(model: nn.Module, modules_to_save: list[str] | None = None) -> AdapterModules:
+    """`lora_layers` and `saved_modules` in one walk; `modules_to_save` defaults to the model's config."""
+    if modules_to_save is None:
+        modules_to_save = getattr(getattr(model, "lowrank_config", None), "modules_to_save", None)
+    found = AdapterModules([], [])
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            found.layers.append((name, module))
+        elif modules_to_save and name and name_matches(modules_to_save, name):
+            found.saved.append((name, module))
+    return found
+
+
 def has_adapters(model: nn.Module) -> bool:
     return next(lora_layers(model), None) is not None
 

@@ -24,7 +24,7 @@ LLAMA_MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 GPT2_MODULES = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 METADATA_KEYS = {"format", "hf_lowrank.version", "hf_lowrank.base_model", "hf_lowrank.base_revision",
                  "hf_lowrank.base_architecture", "hf_lowrank.quantization", "hf_lowrank.fingerprint",
-                 "hf_lowrank.modules", "hf_lowrank.crc32"}
+                 "hf_lowrank.modules", "hf_lowrank.checksum"}
 
 
 def cfg(**kw) -> hf_lowrank.LowRankConfig:
@@ -150,7 +150,7 @@ def test_load_into_plain_model_injects_from_the_file(tiny_llama, tmp_path):
 # ---- strict loading: every bad input leaves the model exactly as it was ------------------------------------------
 
 
-def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.crc32",)):
+def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.checksum",)):
     """Rewrite the weights file with keys dropped / added, as another tool (no checksum of ours) would."""
     from safetensors.torch import save_file
 
@@ -260,7 +260,7 @@ def test_peft_written_without_checksum_is_accepted(tiny_llama, tmp_path):
     """No checksum in the header (PEFT's files) is fine: the header and key checks still apply."""
     save_adapter(adapted(tiny_llama, cfg()), tmp_path)
     _rewrite(tmp_path)
-    assert "hf_lowrank.crc32" not in read_adapter(tmp_path).metadata
+    assert "hf_lowrank.checksum" not in read_adapter(tmp_path).metadata
 
 
 # ---- saving --------------------------------------------------------------------------------------------------------
