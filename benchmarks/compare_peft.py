@@ -54,8 +54,12 @@ METRICS = [
     ("peak RSS", "peak_rss_mib", 0.9, "MiB"),
     ("peak RSS above imports, loading", "load_rss_delta_mib", 0.9, "MiB"),
     ("peak RSS above imports, training", "train_rss_delta_mib", 0.9, "MiB"),
-    ("adapter save", "save_s", 0.5, "s"),
-    ("adapter load", "adapter_load_s", 0.5, "s"),
+    ("adapter save", "save_s", None, "s"),
+    ("adapter save, interleaved in one process", "save_interleaved_s", 0.5, "s"),
+    ("adapter save, interleaved, without the fsync wait", "save_nofsync_s", None, "s"),
+    ("adapter save, interleaved, above writing the bytes", "save_above_floor_s", None, "s"),
+    ("adapter load", "adapter_load_s", None, "s"),
+    ("adapter load, interleaved in one process", "load_interleaved_s", 0.5, "s"),
     ("adapter file bytes", "adapter_bytes", None, "B"),
     ("adapter file − tensor bytes", "adapter_overhead_bytes", None, "B"),
 ]
@@ -133,6 +137,51 @@ def _load_peft(path: str, device_map=None):
     return model, load_s, time.perf_counter() - t0
 
 
+def _save(side: str, model, folder: Path) -> None:
+    if side == "ours":
+        import hf_lowrank
+
+        hf_lowrank.save_adapter(model, folder)
+    else:
+        model.save_pretrained(folder)
+
+
+def _load(side: str, model, folder: Path) -> None:
+    """Load the adapter in `folder` into the already-injected `model`."""
+    if side == "ours":
+        import hf_lowrank
+
+        hf_lowrank.load_adapter(model, folder)
+    else:
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
+        assert not result.unexpected_keys, result.unexpected_keys
+
+
+class _FsyncClock:
+    """Adds up the time spent inside `os.fsync` while active: ours flushes every file to disk before renaming it
+    (crash safety), PEFT does not flush, so the table also shows our save without that wait."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._real = os.fsync
+
+    def __enter__(self):
+        def timed(fd):
+            t0 = time.perf_counter()
+            try:
+                return self._real(fd)
+            finally:
+                self.total += time.perf_counter() - t0
+
+        os.fsync = timed
+        return self
+
+    def __exit__(self, *exc):
+        os.fsync = self._real
+
+
 def _save_and_load(side: str, model, tmp: Path, repeats: int = 3) -> dict:
     """Median adapter save and load time (fresh folder each save; load into the already-injected model)."""
     import torch
@@ -142,24 +191,11 @@ def _save_and_load(side: str, model, tmp: Path, repeats: int = 3) -> dict:
     for i in range(repeats):
         folder = tmp / f"adapter{i}"
         t0 = time.perf_counter()
-        if side == "ours":
-            import hf_lowrank
-
-            hf_lowrank.save_adapter(model, folder)
-        else:
-            model.save_pretrained(folder)
+        _save(side, model, folder)
         saves.append(time.perf_counter() - t0)
     for _ in range(repeats):
         t0 = time.perf_counter()
-        if side == "ours":
-            import hf_lowrank
-
-            hf_lowrank.load_adapter(model, folder)
-        else:
-            from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
-            assert not result.unexpected_keys, result.unexpected_keys
+        _load(side, model, folder)
         loads.append(time.perf_counter() - t0)
     from safetensors import safe_open
 
@@ -257,8 +293,56 @@ def interleaved_worker(args) -> dict:
             opt.zero_grad(set_to_none=True)
             times[side].append(time.perf_counter() - t0)
     pairs = [o / p for o, p in zip(times["ours"][args.warmup:], times["peft"][args.warmup:], strict=True)]
-    return {"ours_step_s": statistics.median(times["ours"][args.warmup:]),
-            "peft_step_s": statistics.median(times["peft"][args.warmup:]), "pair_ratio": statistics.median(pairs)}
+    out = {"ours_step_s": statistics.median(times["ours"][args.warmup:]),
+           "peft_step_s": statistics.median(times["peft"][args.warmup:]), "pair_ratio": statistics.median(pairs)}
+    with tempfile.TemporaryDirectory() as tmp:
+        out.update(_interleaved_save_load({side: model for side, (model, _) in sides.items()}, Path(tmp),
+                                          args.file_rounds))
+    return out
+
+
+def _interleaved_save_load(models: dict, tmp: Path, rounds: int) -> dict:
+    """Adapter saves (each into a fresh folder), then loads, alternating ours / PEFT round by round (who goes first
+    alternates too); medians. For ours also the save time less the time spent waiting in fsync; for both the save
+    time less the I/O floor: `safetensors.torch.save_file` of the same tensors into a fresh file (no fsync), timed
+    in the same round (on a VM whose disk is throttled at times, writing the bytes is most of both saves)."""
+    from safetensors.torch import load_file, save_file
+
+    saves = {"ours": [], "peft": []}
+    loads = {"ours": [], "peft": []}
+    above = {"ours": [], "peft": []}
+    nofsync = []
+    order = ["ours", "peft"]
+    tensors = None
+    for i in range(rounds + 1):  # round 0 warms up (first-call imports) and is not counted
+        floor = float("nan")
+        if tensors is not None:
+            t0 = time.perf_counter()
+            save_file(tensors, str(tmp / f"floor{i}.safetensors"))
+            floor = time.perf_counter() - t0
+        for side in order if i % 2 == 0 else order[::-1]:
+            with _FsyncClock() as clock:
+                t0 = time.perf_counter()
+                _save(side, models[side], tmp / f"{side}{i}")
+                elapsed = time.perf_counter() - t0
+            if i:
+                saves[side].append(elapsed)
+                above[side].append(elapsed - floor)
+                if side == "ours":
+                    nofsync.append(elapsed - clock.total)
+        if tensors is None:
+            tensors = load_file(str(tmp / "peft0" / "adapter_model.safetensors"))
+    for i in range(rounds + 1):
+        for side in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            _load(side, models[side], tmp / f"{side}{rounds}")
+            if i:
+                loads[side].append(time.perf_counter() - t0)
+    out = {f"{side}_{kind}": statistics.median(values[side]) for kind, values in (("save_s", saves), ("load_s", loads))
+           for side in order}
+    out["ours_save_nofsync_s"] = statistics.median(nofsync)
+    out.update({f"{side}_save_above_floor_s": statistics.median(above[side]) for side in order})
+    return out
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------------
@@ -279,10 +363,11 @@ def make_model(folder: Path, size: str) -> str:
     return str(folder)
 
 
-def run_side(side: str, model: str, seq: int, batch: int, steps: int, warmup: int, threads: int) -> dict:
+def run_side(side: str, model: str, seq: int, batch: int, steps: int, warmup: int, threads: int,
+             file_rounds: int = 9) -> dict:
     """One worker process (`side` is "ours", "peft" or "both" for the interleaved step timing); its JSON result."""
     cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--seq", str(seq), "--batch", str(batch),
-           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), "--file-rounds", str(file_rounds)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -338,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the raw runs to this file")
     p.add_argument("--interleaved-steps", type=int, default=None,
                    help="steps per side in the one-process interleaved timing (default: --steps; 0 skips it)")
+    p.add_argument("--file-rounds", type=int, default=9,
+                   help="adapter saves and loads per side in the one-process interleaved timing")
     p.add_argument("--worker", choices=["ours", "peft", "both"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -351,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes, args.seqs = "small", "128"
     if args.smoke:
         args.sizes, args.seqs, args.batch, args.repeats, args.warmup = "tiny", "32", 2, 1, 0
+        args.file_rounds = 2
         args.steps = args.steps or 2
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for s in sizes:
@@ -374,11 +462,18 @@ def main(argv: list[str] | None = None) -> int:
                 ours, peft = median_of(runs["ours"]), median_of(runs["peft"])
                 n = steps if args.interleaved_steps is None else args.interleaved_steps
                 if n:
-                    both = run_side("both", path, seq, args.batch, n, args.warmup, args.threads)
-                    ours["step_interleaved_s"], peft["step_interleaved_s"] = both["ours_step_s"], both["peft_step_s"]
+                    both = run_side("both", path, seq, args.batch, n, args.warmup, args.threads, args.file_rounds)
+                    for key, name in (("step_interleaved_s", "step_s"), ("save_interleaved_s", "save_s"),
+                                      ("load_interleaved_s", "load_s")):
+                        ours[key], peft[key] = both[f"ours_{name}"], both[f"peft_{name}"]
+                    ours["save_nofsync_s"], peft["save_nofsync_s"] = both["ours_save_nofsync_s"], both["peft_save_s"]
+                    ours["save_above_floor_s"] = both["ours_save_above_floor_s"]
+                    peft["save_above_floor_s"] = both["peft_save_above_floor_s"]
                     runs["interleaved"] = both
                 else:
-                    ours["step_interleaved_s"] = peft["step_interleaved_s"] = float("nan")
+                    for key in ("step_interleaved_s", "save_interleaved_s", "load_interleaved_s", "save_nofsync_s",
+                                "save_above_floor_s"):
+                        ours[key] = peft[key] = float("nan")
                 if ours["trainable"] != peft["trainable"]:
                     raise AssertionError(f"trainable counts differ: ours {ours['trainable']:,} vs PEFT "
                                          f"{peft['trainable']:,}; the two sides do not train the same adapters")
