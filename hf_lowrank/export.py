@@ -116,7 +116,7 @@ class Layout:
 
 def layout(files: AdapterFiles, base: Path) -> Layout:
     """Module kinds from a meta-device model; which layers are 4-bit from transformers' own bitsandbytes quantizer
-    (so the decision is exactly the one `from_pretrained` made when the adapter was trained)."""
+    (seams.quantized_modules: the decision `from_pretrained` made when the adapter was trained)."""
     from transformers import AutoConfig
 
     from .layers import is_conv1d
@@ -125,16 +125,14 @@ def layout(files: AdapterFiles, base: Path) -> Layout:
     with torch.device("meta"):
         model = model_class(files).from_config(config)
     conv1d = {n for n, m in model.named_modules() if is_conv1d(m)}
+    prefix = getattr(model, "base_model_prefix", "") or ""
     quantized: set[str] = set()
     if files.config.quantization:
-        from transformers.quantizers import AutoHfQuantizer
-
         from .quantize import bnb_config
+        from .seams import quantized_modules
 
-        quantizer = AutoHfQuantizer.from_config(bnb_config(files.config))
-        quantizer.preprocess_model(model, device_map={"": "cpu"})
-        quantized = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
-    return Layout(conv1d, quantized, getattr(model, "base_model_prefix", "") or "")
+        quantized = quantized_modules(model, bnb_config(files.config))
+    return Layout(conv1d, quantized, prefix)
 
 
 def nf4_roundtrip(w: torch.Tensor, files: AdapterFiles) -> torch.Tensor:

@@ -73,9 +73,9 @@ def _transformers_deepspeed_config() -> dict | None:
 
     if "transformers" not in sys.modules:
         return None
-    from transformers.integrations.deepspeed import deepspeed_config
+    from .seams import live_deepspeed_config
 
-    return deepspeed_config()
+    return live_deepspeed_config()
 
 
 def current_device_map() -> dict[str, int | str] | None:

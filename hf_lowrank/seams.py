@@ -11,10 +11,14 @@
    and `TrainingArguments` records which fields the user passed, so an explicit `optim` wins.
 6-8. Distributed: ZeRO-3 / FSDP saves gather only the adapters; DeepSpeed checkpoints and resumes adapter-only state.
 9-10. Hub: checkpoint pushes carry the adapter files; the Trainer's model card works without `PeftModel`.
+11. Merge from files: which layers `from_pretrained` stored in 4 bits is decided by transformers' own bitsandbytes
+   quantizer, asked on a weightless copy of the model.
+12. Launch detection: the DeepSpeed config a live `TrainingArguments(deepspeed=...)` registered with transformers
+   decides the device map (none under ZeRO-3) and the 4-bit storage dtype.
 (Each is described where it is implemented, below.)
 
-Seams 1-5 are tested in tests/test_seams.py, 6-8 in tests/test_distributed.py, 9-10 in tests/test_hub.py; each test
-fails loudly when transformers moves its seam.
+Seams 1-5 are tested in tests/test_seams.py, 6-8 and 12 in tests/test_distributed.py, 9-10 in tests/test_hub.py, 11
+in tests/test_export.py; each test fails loudly when transformers moves its seam.
 """
 
 from __future__ import annotations
@@ -306,3 +310,28 @@ def _wrap_create_model_card(original):
 
     create_model_card.__wrapped__ = original
     return create_model_card
+
+
+# ---- merge seam (11): which layers the QLoRA load stored in 4 bits ----------------------------------------------
+
+
+def quantized_modules(model, quantization_config) -> set[str]:
+    """Names of the modules that `from_pretrained(..., quantization_config=...)` turns into `Linear4bit`, decided by
+    transformers' own quantizer (its skip list: heads, tied weights, `llm_int8_skip_modules`) on `model`, a
+    meta-device copy that this call changes. `hf-lowrank merge` folds deltas onto exactly those layers' NF4 values."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config)
+    quantizer.preprocess_model(model, device_map={"": "cpu"})
+    return {name for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"}
+
+
+# ---- launch seam (12): the DeepSpeed config TrainingArguments registered -----------------------------------------
+
+
+def live_deepspeed_config() -> dict | None:
+    """The DeepSpeed config dict that a live `TrainingArguments(deepspeed=...)` registered (transformers keeps a
+    weak reference to it), or None."""
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    return deepspeed_config()

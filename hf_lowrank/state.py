@@ -137,9 +137,9 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
 
     h = xxhash.xxh3_64()
     for key in sorted(tensors):
-        t = tensors[key]
+        t = tensors[key].detach()
         h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.detach().reshape(-1).view(torch.uint8).numpy())
+        h.update((t if t.dim() else t.reshape(1)).view(torch.uint8).numpy())  # contiguous CPU tensors: no copy
     return "xxh3_64:" + h.hexdigest()
 
 
