@@ -26,6 +26,7 @@ import torch
 from .state import (
     CHECKSUM,
     CONFIG_NAME,
+    LEGACY_CRC32,
     META,
     PREFIX,
     WEIGHTS_NAME,
@@ -404,7 +405,7 @@ def export_portable(files: AdapterFiles, out: Path) -> Path:
         raise AdapterError(f"{files.config_path}: DoRA adapters have no single-alpha form (the magnitude vector "
                            "rescales each output); merge the adapter with PEFT instead")
     tensors, config = portable(files)
-    metadata = {k: v for k, v in files.metadata.items() if k != CHECKSUM}
+    metadata = {k: v for k, v in files.metadata.items() if k not in (CHECKSUM, LEGACY_CRC32)}  # B changed
     return write_adapter_files(out, tensors, metadata, config)
 
 

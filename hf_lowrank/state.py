@@ -41,6 +41,7 @@ CARD_NAME = "README.md"
 PREFIX = "base_model.model."
 META = "hf_lowrank."
 CHECKSUM = META + "checksum"
+LEGACY_CRC32 = META + "crc32"  # the checksum key of adapters saved by earlier development versions
 
 
 class AdapterError(ValueError):
@@ -131,16 +132,33 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """xxh3-64 over every tensor's name, dtype, shape and bytes in key order, as "xxh3_64:<hex>".
 
     Catches flipped or lost bits in the data, which safetensors' own header checks cannot see (accidental damage,
-    not tampering). xxh3 hashes at memory speed: ~4× faster than zlib's CRC-32 here. Takes CPU tensors.
+    not tampering). xxh3 hashes at memory speed: ~4× faster than zlib's CRC-32 here.
     """
     import xxhash
 
     h = xxhash.xxh3_64()
     for key in sorted(tensors):
-        t = tensors[key].detach()
+        t = tensors[key].detach().cpu().contiguous()  # no copy for what save and load pass: contiguous CPU tensors
         h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update((t if t.dim() else t.reshape(1)).view(torch.uint8).numpy())  # contiguous CPU tensors: no copy
+        h.update((t if t.dim() else t.reshape(1)).view(torch.uint8).numpy())
     return "xxh3_64:" + h.hexdigest()
+
+
+def _checksum_matches(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> bool:
+    """True when the header records no checksum (PEFT's files) or the one it records matches the tensors; files
+    written before hf_lowrank 0.1 switched to xxh3 carry a CRC-32 (`hf_lowrank.crc32`), checked as such."""
+    if CHECKSUM in metadata:
+        return metadata[CHECKSUM] == tensor_checksum(tensors)
+    if LEGACY_CRC32 in metadata:
+        import zlib
+
+        crc = 0
+        for key in sorted(tensors):
+            t = tensors[key].detach().cpu().contiguous()
+            crc = zlib.crc32(f"{key}|{t.dtype}|{list(t.shape)}|".encode(), crc)
+            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+        return metadata[LEGACY_CRC32] == f"{crc:08x}"
+    return True
 
 
 def _write_flushed(path: Path, write: Callable[[str], None]) -> None:
@@ -307,7 +325,14 @@ def read_adapter(src: str | os.PathLike | AdapterFiles, revision: str | None = N
             raise TypeError(f"expected a JSON object, got {type(peft_config).__name__}")
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise AdapterError(f"{config_path} is not valid JSON for a LoRA config: {e}") from None
-    metadata, tensors = _read_weights(weights_path) if weights_path.is_file() else ({}, {})
+    metadata: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    unreadable: AdapterError | None = None
+    if weights_path.is_file():
+        try:
+            metadata, tensors = _read_weights(weights_path)
+        except AdapterError as e:  # reported after the config: a non-LoRA config is the better explanation
+            unreadable = e
     try:
         readable = {**peft_config, **_UNSUPPORTED} if describe_only else peft_config
         config = LowRankConfig.from_peft_dict(readable, **_config_overrides(peft_config, metadata))
@@ -321,10 +346,11 @@ def read_adapter(src: str | os.PathLike | AdapterFiles, revision: str | None = N
                                f"to {WEIGHTS_NAME} with a tool you trust (e.g. PEFT: save_pretrained(..., "
                                "safe_serialization=True)).")
         raise AdapterError(f"{weights_path} is missing")
+    if unreadable is not None:
+        raise unreadable
     if not tensors:
         raise AdapterError(f"{weights_path} holds no tensors")
-    recorded = metadata.get(CHECKSUM)
-    if recorded and recorded != tensor_checksum(tensors):
+    if not _checksum_matches(metadata, tensors):
         raise AdapterError(f"{weights_path} is corrupted: its tensors do not match the checksum recorded in its header "
                            "when it was saved; save the adapter again or pull a fresh copy")
     for k, t in tensors.items():
@@ -377,12 +403,19 @@ def expected_shapes(model: nn.Module, config: LowRankConfig,
                     found: AdapterModules | None = None) -> dict[str, tuple[int, ...]]:
     """Model-relative key → shape that an adapter with `config` has on `model` (without changing the model).
 
-    `found`: `adapter_modules(model, config.modules_to_save)` when the caller has walked the model already.
+    `found`: `adapter_modules(model, config.modules_to_save or [])` when the caller has walked the model already.
+    Raises `ValueError` when a module would be both a LoRA target and a saved module.
     """
     found = found or adapter_modules(model, config.modules_to_save or [])
     shapes = {key: tuple(p.shape) for key, p in found.parameters().items()}
     if not found.layers:  # no adapters yet: the layers that injecting `config` would create
-        for name in resolve_targets(model, config):
+        targets = resolve_targets(model, config)
+        saved = {name for name, _ in found.saved}
+        both = [t for t in targets if t in saved or any(t.startswith(s + ".") for s in saved)]
+        if both:
+            raise ValueError(f"{both[0]!r} is both a LoRA target and in modules_to_save ({len(both)} such modules); "
+                             "a module is either adapted or saved in full, not both")
+        for name in targets:
             in_f, out_f = layer_features(model.get_submodule(name))
             r = config.rank_for(name)
             shapes[f"{name}.lora_A.weight"] = (r, in_f)

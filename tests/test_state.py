@@ -150,7 +150,7 @@ def test_load_into_plain_model_injects_from_the_file(tiny_llama, tmp_path):
 # ---- strict loading: every bad input leaves the model exactly as it was ------------------------------------------
 
 
-def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.checksum",)):
+def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.checksum",), metadata_add=None):
     """Rewrite the weights file with keys dropped / added, as another tool (no checksum of ours) would."""
     from safetensors.torch import save_file
 
@@ -158,7 +158,19 @@ def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.checksum",)):
     tensors = {k: v for k, v in tensors.items() if k not in drop}
     tensors.update(add or {})
     save_file(tensors, str(Path(folder) / "adapter_model.safetensors"),
-              metadata={k: v for k, v in meta.items() if k not in metadata_drop})
+              metadata={**{k: v for k, v in meta.items() if k not in metadata_drop}, **(metadata_add or {})})
+
+
+def _legacy_crc32(tensors) -> str:
+    """The header checksum of adapters saved by earlier development versions (CRC-32, same byte order)."""
+    import zlib
+
+    crc = 0
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        crc = zlib.crc32(f"{key}|{t.dtype}|{list(t.shape)}|".encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
 
 
 class Evil:
@@ -196,6 +208,20 @@ def _break(case: str, folder: Path, tmp_path: Path, other_base: str) -> Path:
         (folder / "adapter_config.json").unlink()
     elif case == "bad_config":
         (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    elif case == "legacy_checksum_corrupted":  # an adapter from before the xxh3 checksum, with a flipped bit
+        _rewrite(folder, metadata_add={"hf_lowrank.crc32": _legacy_crc32(tensors_of(folder)[0])})
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0x40
+        weights.write_bytes(bytes(data))
+    elif case == "not_lora_and_truncated":  # the config is the better explanation than the truncated weights
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif case == "target_and_saved":  # q_proj both adapted and saved in full
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["q_proj"]}))
+        _rewrite(folder, add={f"base_model.model.model.layers.{i}.self_attn.q_proj.weight": torch.ones(128, 128)
+                              for i in range(2)})
     elif case == "no_folder":
         return tmp_path / "does-not-exist"
     elif case == "pickle":
@@ -215,6 +241,9 @@ BAD = {
     "empty_tensor": "is empty",
     "missing_config": "adapter_config.json is missing",
     "bad_config": "not valid JSON",
+    "legacy_checksum_corrupted": "do not match the checksum",
+    "not_lora_and_truncated": "reads LORA only",
+    "target_and_saved": "both a LoRA target and in modules_to_save|unexpected key",
     "no_folder": "does not exist",
     "pickle": "never unpickles",
 }
@@ -261,6 +290,27 @@ def test_peft_written_without_checksum_is_accepted(tiny_llama, tmp_path):
     save_adapter(adapted(tiny_llama, cfg()), tmp_path)
     _rewrite(tmp_path)
     assert "hf_lowrank.checksum" not in read_adapter(tmp_path).metadata
+
+
+def test_checksum_is_xxh3_and_legacy_crc32_files_still_load(tiny_llama, tmp_path):
+    model = adapted(tiny_llama, cfg())
+    save_adapter(model, tmp_path)
+    tensors, meta = tensors_of(tmp_path)
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for key in sorted(tensors):
+        h.update(f"{key}|{tensors[key].dtype}|{list(tensors[key].shape)}|".encode())
+        h.update(tensors[key].reshape(-1).view(torch.uint8).numpy())
+    assert meta["hf_lowrank.checksum"] == "xxh3_64:" + h.hexdigest()
+    _rewrite(tmp_path, metadata_add={"hf_lowrank.crc32": _legacy_crc32(tensors)})  # as saved before xxh3
+    files = read_adapter(tmp_path)
+    assert "hf_lowrank.checksum" not in files.metadata and "hf_lowrank.crc32" in files.metadata
+    fresh = adapted(tiny_llama, cfg(), seed=5)
+    load_adapter(fresh, files)
+    x = tokens()
+    out = logits(fresh, x)
+    assert torch.equal(out, logits(model, x)) and not torch.equal(out, logits(adapted(tiny_llama, cfg(), seed=5), x))
 
 
 # ---- saving --------------------------------------------------------------------------------------------------------
