@@ -75,3 +75,15 @@ def test_floor_matches_known_llama_counts(size, lora):
         assert f["weights"] == pytest.approx(linear * 4.127 / 8)
         assert f["embeddings"] == 2 * (2 * 128_256 * 4096 + 65 * 4096)
         assert f["activations"] == 32 * 2048 * 4096 * 2
+
+
+def test_optimizer_step_compares_the_same_work():
+    out = _run("optimizer_step.py", "--blocks", "1", "--hidden", "128", "--intermediate", "256", "--steps", "2")
+    assert out.startswith("14 LoRA tensors, 34,816 parameters")  # 7 layers × (A, B); 16·(4·256 + 3·384)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| bitsandbytes") or
+            line.startswith("| torch")]
+    assert [r[0].strip() for r in rows] == ["bitsandbytes PagedAdamW32bit (Trainer default)", "torch AdamW, for-loop",
+                                             "torch AdamW, foreach", "torch AdamW, fused"]
+    assert rows[0][2].strip() == "1.00"
+    # four steps of the same AdamW from the same start: every implementation lands on the same parameters
+    assert all(float(r[3]) < 1e-6 for r in rows), rows
