@@ -146,7 +146,7 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 def _checksum_matches(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> bool:
     """True when the header records no checksum (PEFT's files) or the one it records matches the tensors; files
-    written before hf_lowrank 0.1 switched to xxh3 carry a CRC-32 (`hf_lowrank.crc32`), checked as such."""
+    saved by development versions before the switch to xxh3 carry a CRC-32 (`hf_lowrank.crc32`), checked as such."""
     if CHECKSUM in metadata:
         return metadata[CHECKSUM] == tensor_checksum(tensors)
     if LEGACY_CRC32 in metadata:
