@@ -68,12 +68,7 @@ def has_adapters(model: nn.Module) -> bool:
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) for every `modules_to_save` module (trained and saved in full)."""
-    cfg = getattr(model, "lowrank_config", None)
-    if not cfg or not cfg.modules_to_save:
-        return
-    for name, module in model.named_modules():
-        if name and name_matches(cfg.modules_to_save, name) and not isinstance(module, LoraLinear):
-            yield name, module
+    yield from adapter_modules(model).saved
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:

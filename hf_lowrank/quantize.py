@@ -17,7 +17,7 @@ the adapters, their gradients and their optimizer state are the only full-precis
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 
 import torch
@@ -25,6 +25,8 @@ from torch import nn
 
 from .config import LowRankConfig
 from .inject import HEAD_NAMES
+
+logger = logging.getLogger("hf_lowrank")
 
 
 def bnb_config(config: LowRankConfig, skip_modules: list[str] | None = None):
@@ -119,6 +121,10 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False  # see LoraLinear: the packed CPU path drops input gradients
     if hasattr(model, "enable_input_require_grads"):
-        with contextlib.suppress(NotImplementedError):  # models without input embeddings
+        try:
             model.enable_input_require_grads()
+        except NotImplementedError:  # transformers' answer for models whose get_input_embeddings is not defined
+            logger.warning("%s has no input embeddings to mark as requiring gradients: with reentrant gradient "
+                           "checkpointing its adapters may get no gradient (the first training step checks); use "
+                           "gradient_checkpointing_kwargs={'use_reentrant': False}", type(model).__name__)
     return model

@@ -128,6 +128,14 @@ def adapter_metadata(model: nn.Module, found: AdapterModules | None = None) -> d
 # ---- writing ------------------------------------------------------------------------------------------------------
 
 
+def _feed_tensors(tensors: dict[str, torch.Tensor], update: Callable[[bytes | memoryview], None]) -> None:
+    """Every tensor's name, dtype, shape and bytes in key order, into a checksum's `update`."""
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()  # no copy for what save and load pass: contiguous CPU tensors
+        update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        update((t if t.dim() else t.reshape(1)).view(torch.uint8).numpy())
+
+
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """xxh3-64 over every tensor's name, dtype, shape and bytes in key order, as "xxh3_64:<hex>".
 
@@ -137,11 +145,22 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     import xxhash
 
     h = xxhash.xxh3_64()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()  # no copy for what save and load pass: contiguous CPU tensors
-        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update((t if t.dim() else t.reshape(1)).view(torch.uint8).numpy())
+    _feed_tensors(tensors, h.update)
     return "xxh3_64:" + h.hexdigest()
+
+
+def _legacy_crc32(tensors: dict[str, torch.Tensor]) -> str:
+    """The CRC-32 that development versions before the switch to xxh3 recorded, over the same bytes."""
+    import zlib
+
+    crc = 0
+
+    def update(data) -> None:
+        nonlocal crc
+        crc = zlib.crc32(data, crc)
+
+    _feed_tensors(tensors, update)
+    return f"{crc:08x}"
 
 
 def _checksum_matches(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> bool:
@@ -150,14 +169,7 @@ def _checksum_matches(metadata: dict[str, str], tensors: dict[str, torch.Tensor]
     if CHECKSUM in metadata:
         return metadata[CHECKSUM] == tensor_checksum(tensors)
     if LEGACY_CRC32 in metadata:
-        import zlib
-
-        crc = 0
-        for key in sorted(tensors):
-            t = tensors[key].detach().cpu().contiguous()
-            crc = zlib.crc32(f"{key}|{t.dtype}|{list(t.shape)}|".encode(), crc)
-            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
-        return metadata[LEGACY_CRC32] == f"{crc:08x}"
+        return metadata[LEGACY_CRC32] == _legacy_crc32(tensors)
     return True
 
 

@@ -252,3 +252,23 @@ def test_import_is_lazy_without_bitsandbytes_or_deepspeed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "heavy: []" in out.stdout
+
+
+def test_kbit_preparation_warns_for_models_without_input_embeddings(caplog):
+    """transformers raises NotImplementedError from enable_input_require_grads when a model has no input embeddings:
+    preparation still freezes the base and says what that means for reentrant checkpointing."""
+    from hf_lowrank.quantize import prepare_for_kbit_training
+
+    class NoEmbeddings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def enable_input_require_grads(self):
+            raise NotImplementedError
+
+    model = NoEmbeddings()
+    with caplog.at_level("WARNING", logger="hf_lowrank"):
+        assert prepare_for_kbit_training(model) is model
+    assert not any(p.requires_grad for p in model.parameters())
+    assert "NoEmbeddings has no input embeddings" in caplog.text and "use_reentrant" in caplog.text
