@@ -98,7 +98,7 @@ def _load_ours(path: str):
     from transformers import AutoModelForCausalLM
 
     import hf_lowrank
-    import hf_lowrank.hook as hook
+    import hf_lowrank.loading as hook
 
     timing = {}
     real_inject = hook.inject

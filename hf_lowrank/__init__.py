@@ -4,17 +4,21 @@
     hf_lowrank.enable(r=16, lora_alpha=32)
     model = AutoModelForCausalLM.from_pretrained(path)   # NF4 base + LoRA; only A and B train
 
-Heavy optional dependencies (bitsandbytes, deepspeed, huggingface_hub, the Trainer) are imported where used.
+Heavy optional dependencies (bitsandbytes, deepspeed, huggingface_hub, the Trainer) are imported where used; the
+names below that need them are imported on first use.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import sys
 
 from .config import LowRankConfig
-from .hook import disable, enable, enabled, from_pretrained, load
-from .inject import disabled_adapters, inject, lora_layers, merge, parameter_summary
+from .inject import disabled_adapters, lora_layers, parameter_summary
 from .layers import LoraLinear
+from .loading import from_pretrained, inject, load, load_adapter
+from .merge import merge
+from .version import __version__
 
 __all__ = [
     "AdapterError",
@@ -40,19 +44,25 @@ __all__ = [
 ]
 
 _LAZY = {
-    "LowRankCallback": "trainer",
+    "LowRankCallback": "integrations.callback",
+    "enable": "integrations.hook",
+    "enabled": "integrations.hook",
     "save_adapter": "state",
-    "load_adapter": "state",
     "push_adapter": "hub",
     "pull_adapter": "hub",
     "HubError": "hub",
-    "AdapterError": "state",
+    "AdapterError": "format",
 }
+
+
+def disable() -> None:
+    """Remove the global `from_pretrained` hook (see `enable`); a no-op, importing nothing, when it was never on."""
+    hook = sys.modules.get(f"{__name__}.integrations.hook")
+    if hook is not None:
+        hook.disable()
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hf_lowrank' has no attribute {name!r}")

@@ -8,10 +8,11 @@ LoRA settings and usage snippets for hf_lowrank, PEFT and the CLI.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
+
+from .format import BASE_MODEL, VERSION, recorded_quantization
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -25,14 +26,26 @@ def hub_model_id(name: str | None) -> str | None:
 
 def card_tags(peft_config: dict[str, Any], metadata: dict[str, str]) -> list[str]:
     """lora, hf-lowrank, peft, qlora (for a quantized base) and `base_model:adapter:<base>` (for a Hub base)."""
-    quant = json.loads(metadata.get("hf_lowrank.quantization", '{"quantization": null}'))
+    quant = _quant(metadata)
     hub_base = hub_model_id(_base(peft_config, metadata))
     tags = ["lora", "hf-lowrank", "peft"] + (["qlora"] if quant.get("quantization") else [])
     return tags + ([f"base_model:adapter:{hub_base}"] if hub_base else [])
 
 
+def _quant(metadata: dict[str, str]) -> dict[str, Any]:
+    try:
+        return recorded_quantization(metadata) or {"quantization": None}
+    except ValueError:
+        return {"quantization": None}
+
+
+def is_generated_card(text: str) -> bool:
+    """Whether a README.md is a card hf_lowrank wrote (and may rewrite), not one the user wrote."""
+    return "hf-lowrank" in text[:2000]
+
+
 def _base(peft_config: dict[str, Any], metadata: dict[str, str]) -> str:
-    return peft_config.get("base_model_name_or_path") or metadata.get("hf_lowrank.base_model") or ""
+    return peft_config.get("base_model_name_or_path") or metadata.get(BASE_MODEL) or ""
 
 
 def model_card(peft_config: dict[str, Any], metadata: dict[str, str], training: dict[str, Any] | None = None,
@@ -56,7 +69,7 @@ def model_card(peft_config: dict[str, Any], metadata: dict[str, str], training: 
 
 
 def _settings(peft_config: dict[str, Any], metadata: dict[str, str]) -> list[str]:
-    quant = json.loads(metadata.get("hf_lowrank.quantization", '{"quantization": null}'))
+    quant = _quant(metadata)
     targets = peft_config.get("target_modules")
     targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
     scaling = "α/√r (rsLoRA)" if peft_config.get("use_rslora") else "α/r"
@@ -71,7 +84,7 @@ def _settings(peft_config: dict[str, Any], metadata: dict[str, str]) -> list[str
         f"| modules_to_save | {peft_config.get('modules_to_save') or '—'} |",
         f"| rank / alpha patterns | {peft_config.get('rank_pattern') or '—'} / "
         f"{peft_config.get('alpha_pattern') or '—'} |",
-        f"| hf_lowrank version | {metadata.get('hf_lowrank.version', '?')} |",
+        f"| hf_lowrank version | {metadata.get(VERSION, '?')} |",
     ]
 
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nRun 'hf-lowrank COMMAND --help' for a command's options.")
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from .version import __version__
 
         print(f"hf-lowrank {__version__}")
         return 0

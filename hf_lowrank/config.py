@@ -7,14 +7,18 @@ The LoRA fields mean what PEFT's `LoraConfig` fields of the same name mean, so a
 from __future__ import annotations
 
 import dataclasses
-import re
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from .patterns import PatternError, check_pattern, first_match
 
 QUANTIZATIONS = ("nf4", "fp4", None)
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
 INITS = ("kaiming", "gaussian")
+#: upper bound for r and lora_alpha: far above any real adapter, low enough that a scaling stays finite in bf16.
+MAX_RANK_OR_ALPHA = 65_536
 
 
 @dataclass
@@ -67,11 +71,13 @@ class LowRankConfig:
         def bad(name: str, value: Any, allowed: str) -> ValueError:
             return ValueError(f"LowRankConfig.{name}={value!r} is not valid: expected {allowed}.")
 
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise bad("r", self.r, "a positive int such as 8 or 16")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise bad("lora_alpha", self.lora_alpha, "a positive number such as 16 or 32")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if not _positive(self.r, int):
+            raise bad("r", self.r, f"a positive int such as 8 or 16 (at most {MAX_RANK_OR_ALPHA:,})")
+        if not _positive(self.lora_alpha, (int, float)):
+            raise bad("lora_alpha", self.lora_alpha, f"a finite positive number such as 16 or 32 (at most "
+                      f"{MAX_RANK_OR_ALPHA:,})")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or \
+                not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", self.lora_dropout, "a float in [0, 1), e.g. 0.05")
         if isinstance(self.target_modules, tuple | set):
             self.target_modules = sorted(self.target_modules)
@@ -89,11 +95,12 @@ class LowRankConfig:
                 raise bad(name, pattern, "a dict {regex: value}")
             for key, value in pattern.items():
                 try:
-                    re.compile(key)
-                except re.error as e:
+                    check_pattern(key)
+                except PatternError as e:
                     raise bad(name, key, f"valid regular expressions as keys ({e})") from None
-                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-                    raise bad(name, {key: value}, "positive numbers as values")
+                if not _positive(value, kind):
+                    raise bad(name, {key: value}, f"finite positive numbers as values (at most "
+                              f"{MAX_RANK_OR_ALPHA:,})")
         if self.init not in INITS:
             raise bad("init", self.init, f"one of {INITS}")
         if self.quantization not in QUANTIZATIONS:
@@ -115,8 +122,8 @@ class LowRankConfig:
             if value == "all-linear":
                 return
             try:
-                re.compile(value)
-            except re.error as e:
+                check_pattern(value)
+            except PatternError as e:
                 raise ValueError(
                     f"LowRankConfig.{name}={value!r} is not valid: a string is a regular expression ({e}); use a "
                     f"list such as ['q_proj', 'v_proj'] for plain names, or 'all-linear'."
@@ -132,10 +139,10 @@ class LowRankConfig:
     # ---- per-module settings -------------------------------------------------------------------------------------
 
     def rank_for(self, module_name: str) -> int:
-        return _first_match(self.rank_pattern, module_name, self.r)
+        return first_match(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        return _first_match(self.alpha_pattern, module_name, self.lora_alpha)
+        return first_match(self.alpha_pattern, module_name, self.lora_alpha)
 
     def replace(self, **changes: Any) -> LowRankConfig:
         return dataclasses.replace(self, **changes)
@@ -198,15 +205,7 @@ class LowRankConfig:
         return cls(**fields)
 
 
-def name_matches(patterns: str | list[str], module_name: str) -> bool:
-    """PEFT's matching: a list entry equals the name or is its dotted suffix; a string is a full-match regex."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, module_name) is not None
-    return any(module_name == p or module_name.endswith("." + p) for p in patterns)
-
-
-def _first_match(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    for key, value in patterns.items():
-        if re.fullmatch(key, module_name) or re.search(rf"(^|\.){key}$", module_name):
-            return value
-    return default
+def _positive(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """A finite number of `kind` (bools excluded) in (0, MAX_RANK_OR_ALPHA]."""
+    return (not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+            and 0 < value <= MAX_RANK_OR_ALPHA)

@@ -214,7 +214,8 @@ def _find(file: str, config_path: Path) -> Path:
 
 def setup_from_environment() -> Setup:
     """The launch of the current process, from what `accelerate launch` / `torchrun` exported."""
-    from .quantize import _transformers_deepspeed_config, launch_kind
+    from .compat import live_deepspeed_config
+    from .launch import launch_kind
 
     setup = Setup(kind=launch_kind(), num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     if setup.kind == "deepspeed":
@@ -225,7 +226,7 @@ def setup_from_environment() -> Setup:
         elif stage:
             setup.zero_stage = int(stage)
         else:
-            config = _transformers_deepspeed_config() or {}
+            config = live_deepspeed_config() or {}
             stage = config.get("zero_optimization", {}).get("stage")
             setup.zero_stage = stage if isinstance(stage, int) else None
     return setup
@@ -234,7 +235,7 @@ def setup_from_environment() -> Setup:
 def resolve(args: argparse.Namespace) -> Setup:
     """The `Setup` doctor judges: the launch, then hf_lowrank's own choices, then the user's explicit ones."""
     from .config import LowRankConfig
-    from .quantize import for_launch
+    from .launch import for_launch
 
     setup = setup_from_accelerate_config(args.config) if args.config else setup_from_environment()
     if args.deepspeed:
@@ -314,7 +315,7 @@ def devices() -> list[str]:
 
 def environment_report(setup: Setup) -> str:
     """The resolved environment as printed by `hf-lowrank doctor`."""
-    from . import __version__
+    from .version import __version__
 
     dist_vars = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
                  if k in os.environ}

@@ -1,9 +1,12 @@
 """`hf-lowrank merge` and `hf-lowrank inspect`: adapters out of hf_lowrank and into other runtimes.
 
-merge   base shard ──► every 4-bit layer of the QLoRA model: W0 → NF4 → dequantized W0' (what the adapter trained
-        against, reproduced exactly with the recorded settings) ──► + s·B·A in float32 ──► --dtype ──► output shard.
-        One shard at a time, so memory stays near one shard; nothing is requantized. Then the QLoRA model and the
-        merged one run on the same sample and the logits difference (the drift) is printed.
+merge   the adapter is checked against the base exactly as `load_adapter` checks it (on a weightless copy), then
+        base shard ──► every 4-bit layer of the QLoRA model: W0 → NF4 → dequantized W0' (what the adapter trained
+        against, reproduced exactly with the recorded settings) ──► + s·B·A in float32 ──► --dtype ──► output shard
+        (`hf_lowrank.merge.merge_state_dict`, the same fold as the in-memory merge). One shard at a time, so memory
+        stays near one shard; nothing is requantized. The output folder is built beside its target and moved into
+        place in one rename. Then the QLoRA model and the merged one run on the same sample and the logits
+        difference (the drift) is printed.
 inspect config, ranks, targets, size, base, and which runtimes read the adapter as it is; `--export-portable`
         writes a copy that single-alpha readers (llama.cpp, vLLM) compute correctly.
 """
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -23,25 +25,24 @@ from typing import Any
 
 import torch
 
-from .state import (
+from .atomic import replace_folder
+from .format import (
     CHECKSUM,
+    CONFIG_CHECKSUM,
     CONFIG_NAME,
+    INDEX_FILE,
     LEGACY_CRC32,
-    META,
     PREFIX,
+    SINGLE_FILE,
+    TASK_CLASSES,
+    VERSION,
     WEIGHTS_NAME,
     AdapterError,
-    AdapterFiles,
-    atomic_write_files,
-    read_adapter,
-    write_adapter_files,
+    recorded_quantization,
 )
-
-#: adapter_config.json task_type → the transformers Auto class that builds the model it adapts.
-TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-                "TOKEN_CLS": "AutoModelForTokenClassification", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-                "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
-SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+from .loading import read
+from .merge import merge_state_dict
+from .state import AdapterFiles, check_adapter, write_adapter_files
 
 
 def model_class(files: AdapterFiles):
@@ -66,35 +67,6 @@ def resolve_base(files: AdapterFiles, base: str | None = None) -> Path:
                                                                            "*.model", "*.tiktoken"]))
 
 
-# ---- per-module scaling and deltas ----------------------------------------------------------------------------------
-
-
-def module_scalings(files: AdapterFiles) -> dict[str, tuple[int, float]]:
-    """{module name: (rank, scaling)} as the adapter's layers apply them (ranks from the tensors themselves)."""
-    cfg = files.config
-    out = {}
-    for key, t in files.tensors.items():
-        name = key.removeprefix(PREFIX)
-        if name.endswith(".lora_A.weight"):
-            module = name.removesuffix(".lora_A.weight")
-            r = t.shape[0]
-            alpha = cfg.alpha_for(module)
-            out[module] = (r, alpha / math.sqrt(r) if cfg.use_rslora else alpha / r)
-    return out
-
-
-def delta(files: AdapterFiles, module: str, scaling: float) -> torch.Tensor:
-    """ΔW = s·B·A in float32, (out, in)."""
-    a = files.tensors[f"{PREFIX}{module}.lora_A.weight"].float()  # (r, in)
-    b = files.tensors[f"{PREFIX}{module}.lora_B.weight"].float()  # (out, r)
-    return (b @ a) * scaling  # (out, in)
-
-
-def saved_tensors(files: AdapterFiles) -> dict[str, torch.Tensor]:
-    """modules_to_save copies: model key → tensor."""
-    return {k.removeprefix(PREFIX): t for k, t in files.tensors.items() if ".lora_A." not in k and ".lora_B." not in k}
-
-
 # ---- merge ----------------------------------------------------------------------------------------------------------
 
 
@@ -116,128 +88,135 @@ class Layout:
 
 
 def layout(files: AdapterFiles, base: Path) -> Layout:
-    """Module kinds from a meta-device model; which layers are 4-bit from transformers' own bitsandbytes quantizer
-    (seams.quantized_modules: the decision `from_pretrained` made when the adapter was trained)."""
+    """Module kinds from a meta-device model, which is also checked against the adapter exactly as `load_adapter`
+    checks a real one (keys, shapes, ranks); which layers are 4-bit from transformers' own bitsandbytes quantizer
+    (`compat.quantized_modules`: the decision `from_pretrained` made when the adapter was trained)."""
     from transformers import AutoConfig
 
+    from .compat import quantized_modules
     from .layers import is_conv1d
+    from .quantize import bnb_config
 
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         model = model_class(files).from_config(config)
+    check_adapter(model, files)
     conv1d = {n for n, m in model.named_modules() if is_conv1d(m)}
     prefix = getattr(model, "base_model_prefix", "") or ""
     quantized: set[str] = set()
     if files.config.quantization:
-        from .quantize import bnb_config
-        from .seams import quantized_modules
-
         quantized = quantized_modules(model, bnb_config(files.config))
     return Layout(conv1d, quantized, prefix)
 
 
-def nf4_roundtrip(w: torch.Tensor, files: AdapterFiles) -> torch.Tensor:
-    """The 4-bit layer's dequantized weight, float32 (out, in): cast to the load dtype, quantize as
-    bitsandbytes' `Linear4bit` does on load, dequantize."""
-    import bitsandbytes.functional as bnbf
-
-    cfg = files.config
-    q, state = bnbf.quantize_4bit(w.to(getattr(torch, cfg.compute_dtype)).contiguous(), blocksize=64,
-                                  compress_statistics=cfg.double_quant, quant_type=cfg.quantization,
-                                  quant_storage=getattr(torch, cfg.quant_storage))
-    return bnbf.dequantize_4bit(q, state).float()
-
-
-def merge_tensors(tensors: dict[str, torch.Tensor], files: AdapterFiles, lay: Layout, known: set[str],
-                  scalings: dict[str, tuple[int, float]], dtype: torch.dtype,
-                  done: set[str]) -> dict[str, torch.Tensor]:
-    """One shard's tensors merged: 4-bit layers round-tripped through NF4, deltas added, saved modules replaced.
-
-    For a QLoRA adapter every float tensor first goes through the compute dtype, as it did when the QLoRA model was
-    loaded, so the merged model holds the values the adapter was trained with.
-    """
-    saved = saved_tensors(files)
-    load_dtype = getattr(torch, files.config.compute_dtype) if files.config.quantization else None
-    out = {}
-    for key, t in tensors.items():
-        if load_dtype is not None and t.is_floating_point():
-            t = t.to(load_dtype)
-        module = lay.module_of(key, known)
-        model_key = f"{module}.{key.rsplit('.', 1)[1]}"
-        if model_key in saved:
-            t = saved[model_key]
-            done.add(model_key)
-        elif key.endswith(".weight") and (module in lay.quantized or module in scalings):
-            w = t.float().T if module in lay.conv1d else t.float()  # (out, in)
-            if module in lay.quantized:
-                w = nf4_roundtrip(w, files)
-            if module in scalings:
-                w = w + delta(files, module, scalings[module][1])
-                done.add(module)
-            t = w.T if module in lay.conv1d else w
-        out[key] = t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
-    return out
-
-
-def _write_safetensors(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    atomic_write_files(folder, {name: lambda p: save_file(tensors, p, metadata={"format": "pt"})})
-
-
-def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.dtype,
-                    log: Callable[[str], None] = print) -> Path:
-    """Write the merged model as a standard transformers folder, shard by shard as the base is sharded."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
+def _shards(base: Path) -> tuple[dict | None, list[str]]:
+    """(the base's index or None, its shard file names); every name must be a plain file name inside `base`, so
+    neither reading the base nor writing the output can leave their folders."""
     index_path = base / INDEX_FILE
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        shards = list(dict.fromkeys(index["weight_map"].values()))
+        try:
+            index = json.loads(index_path.read_text())
+            shards = list(dict.fromkeys(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise AdapterError(f"{index_path} is not a valid safetensors index ({e})") from None
     elif (base / SINGLE_FILE).is_file():
         index, shards = None, [SINGLE_FILE]
     else:
         raise AdapterError(f"{base} has neither {SINGLE_FILE} nor {INDEX_FILE}: merge reads safetensors bases only")
-    if output.resolve() == base.resolve():
+    for shard in shards:
+        plain = isinstance(shard, str) and shard == Path(shard).name and shard not in ("", ".", "..") and \
+            not shard.startswith(".") and shard.endswith(".safetensors")
+        if not plain:
+            raise AdapterError(f"{index_path}: shard name {shard!r} is not a plain .safetensors file name inside the "
+                               "base folder; refusing to read or write it (nothing was written)")
+        if not (base / shard).is_file():
+            raise AdapterError(f"{base}: shard {shard} named by {INDEX_FILE} is missing")
+    return index, shards
+
+
+def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.dtype,
+                    log: Callable[[str], None] = print, overwrite: bool = False) -> Path:
+    """Write the merged model as a standard transformers folder, shard by shard as the base is sharded.
+
+    Everything is checked before the first byte is written; the folder appears at `output` whole or not at all.
+    """
+    if output.exists() and output.resolve() == base.resolve():
         raise AdapterError(f"merge: --output {output} is the base folder itself; choose a new folder")
+    if output.exists() and not output.is_dir():
+        raise AdapterError(f"merge: --output {output} is a file; give a folder")
+    index, shards = _shards(base)
     lay = layout(files, base)
-    scalings = module_scalings(files)
-    known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved_tensors(files)}
-    output.mkdir(parents=True, exist_ok=True)
-    done: set[str] = set()
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        with safe_open(base / shard, framework="pt") as f:
-            merged = merge_tensors({k: f.get_tensor(k) for k in f.keys()}, files, lay, known, scalings, dtype,  # noqa: SIM118
-                                   done)
-        if i == len(shards) - 1:  # saved modules the base checkpoint lacks (a new classification head)
-            merged.update({k: t.to(dtype) for k, t in saved_tensors(files).items() if k not in done})
-            done |= set(saved_tensors(files))
-        _write_safetensors(output, shard, merged)
-        weight_map.update(dict.fromkeys(merged, shard))
-        total += sum(t.numel() * t.element_size() for t in merged.values())
-        log(f"  wrote {shard} ({len(merged)} tensors)")
-        del merged
-    missing = sorted(set(scalings) - done)
-    if missing:
-        raise AdapterError(f"merge: adapted modules {missing[:3]} were not found in {base}'s checkpoint keys (this "
-                           "architecture renames its weights on load); merge in Python with hf_lowrank.merge(model)")
-    if index is not None:
-        index = {"metadata": {**index.get("metadata", {}), "total_size": total}, "weight_map": weight_map}
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        atomic_write_files(output, {INDEX_FILE: lambda p: Path(p).write_text(text)})
-    config = AutoConfig.from_pretrained(base)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = str(dtype).removeprefix("torch.")
-    config.save_pretrained(output)
-    for extra in base.iterdir():  # tokenizer, generation config, chat template...
-        if extra.is_file() and extra.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt") and \
-                extra.name not in ("config.json", INDEX_FILE) and not extra.name.startswith("."):
-            shutil.copy2(extra, output / extra.name)
-    return output
+    scalings = {m: s for m, (_, s) in files.scalings().items()}
+    saved = files.saved_tensors()
+    adapter = {**saved, **{f"{m}.lora_{w}.weight": t for m, ab in files.lora_tensors().items()
+                           for w, t in ab.items()}}
+    known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved}
+    # a QLoRA model was loaded with every float tensor in the compute dtype: reproduce that before folding
+    load_dtype = getattr(torch, files.config.compute_dtype) if files.config.quantization else None
+
+    def dequantize(w: torch.Tensor) -> torch.Tensor:
+        from .quantize import nf4_roundtrip
+
+        return nf4_roundtrip(w, files.config)
+
+    def fill(tmp: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        from transformers import AutoConfig
+
+        done: set[str] = set()
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, shard in enumerate(_progress(shards, "merging shards")):
+            with safe_open(base / shard, framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+            if load_dtype is not None:
+                tensors = {k: t.to(load_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+            merged = merge_state_dict(tensors, adapter, scalings, dtype, module_of=lambda k: lay.module_of(k, known),
+                                      transposed=lay.conv1d, quantized=lay.quantized, dequantize=dequantize,
+                                      done=done)
+            del tensors
+            if i == len(shards) - 1:  # saved modules the base checkpoint lacks (a new classification head)
+                merged.update({k: t.to(dtype) for k, t in saved.items() if k not in done})
+                done |= set(saved)
+            save_file(merged, str(tmp / shard), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(merged, shard))
+            total += sum(t.numel() * t.element_size() for t in merged.values())
+            log(f"  wrote {shard} ({len(merged)} tensors)")
+            del merged
+        missing = sorted(set(scalings) - done)
+        if missing:
+            raise AdapterError(f"merge: adapted modules {missing[:3]} were not found in {base}'s checkpoint keys "
+                               "(this architecture renames its weights on load); merge in Python with "
+                               "hf_lowrank.merge(model)")
+        if index is not None:
+            new_index = {"metadata": {**index.get("metadata", {}), "total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
+        config = AutoConfig.from_pretrained(base)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = str(dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        for extra in base.iterdir():  # tokenizer, generation config, chat template...
+            if extra.is_file() and not extra.is_symlink() and extra.suffix not in (".safetensors", ".bin", ".pt",
+                                                                                  ".pth", ".ckpt") and \
+                    extra.name not in ("config.json", INDEX_FILE) and not extra.name.startswith("."):
+                shutil.copy2(extra, tmp / extra.name)
+
+    try:
+        return replace_folder(output, fill, overwrite=overwrite)
+    except FileExistsError as e:
+        raise AdapterError(f"merge: {e}") from None
+
+
+def _progress(items: list[str], desc: str):
+    """A progress bar over `items` on a terminal (tqdm, which transformers depends on); the items as they are
+    elsewhere."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="shard", disable=not sys.stderr.isatty() or len(items) < 2)
 
 
 def sample_input(vocab_size: int, length: int = 32) -> torch.Tensor:
@@ -255,10 +234,10 @@ def _outputs(model, x: torch.Tensor) -> torch.Tensor:
 def measure_drift(adapter: Path, base: Path, merged: Path, files: AdapterFiles, dtype: torch.dtype) -> dict[str, float]:
     """Max |Δlogits| and max |Δlogits| / max |logits| between the QLoRA model and the merged one, on one sample.
     The models are loaded one after the other, never both at once."""
-    from . import hook
+    from .loading import load
 
     cls = model_class(files)
-    qlora = hook.load(cls, str(adapter), base=str(base))
+    qlora = load(cls, str(adapter), base=str(base))
     x = sample_input(qlora.config.vocab_size)
     reference = _outputs(qlora, x)
     del qlora
@@ -271,7 +250,7 @@ def measure_drift(adapter: Path, base: Path, merged: Path, files: AdapterFiles, 
 
 
 def merge_main(argv: list[str] | None = None) -> int:
-    """`hf-lowrank merge ADAPTER --output DIR [--base PATH] [--dtype bfloat16]`."""
+    """`hf-lowrank merge ADAPTER --output DIR [--base PATH] [--dtype bfloat16] [--overwrite]`."""
     p = argparse.ArgumentParser(prog="hf-lowrank merge", description="Fold an adapter into its base and write a "
                                 "standard model folder (no LoRA layers, no 4-bit weights), shard by shard.")
     p.add_argument("adapter", help="adapter folder or Hub repo id")
@@ -280,15 +259,16 @@ def merge_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="dtype of the merged weights (default: the compute dtype for QLoRA adapters, else the base's)")
     p.add_argument("--revision", help="adapter revision when ADAPTER is a repo id")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--no-drift", action="store_true", help="skip loading both models to measure the drift")
     args = p.parse_args(argv)
     try:
-        files = read_adapter(args.adapter, revision=args.revision)
+        files = read(args.adapter, revision=args.revision)
         base = resolve_base(files, args.base)
         dtype = _merge_dtype(args.dtype, files, base)
         output = Path(args.output)
         print(f"merging {files.folder} into {base} -> {output} ({str(dtype).removeprefix('torch.')})")
-        merge_to_folder(files, base, output, dtype)
+        merge_to_folder(files, base, output, dtype, overwrite=args.overwrite)
         if not args.no_drift:
             d = measure_drift(files.folder, base, output, files, dtype)
             print(f"drift (QLoRA model vs merged, {d['tokens']} tokens): max |Δlogits| = {d['max_abs']:.3e}, "
@@ -305,8 +285,11 @@ def _merge_dtype(name: str | None, files: AdapterFiles, base: Path) -> torch.dty
         return getattr(torch, name)
     if files.config.quantization:
         return getattr(torch, files.config.compute_dtype)
-    config = json.loads((base / "config.json").read_text())
-    recorded = config.get("dtype") or config.get("torch_dtype")
+    try:
+        config = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{base / 'config.json'} cannot be read ({e}); pass --dtype") from None
+    recorded = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
     return getattr(torch, recorded) if recorded in ("bfloat16", "float16", "float32") else torch.float32
 
 
@@ -326,7 +309,7 @@ def runtimes(files: AdapterFiles) -> dict[str, str]:
     elif patterns:
         out["vLLM"] = "not as is: vLLM applies one r and lora_alpha to every module; use --export-portable"
     else:
-        out["vLLM"] = f"yes (start it with --max-lora-rank >= {max(r for r, _ in module_scalings(files).values())})"
+        out["vLLM"] = f"yes (start it with --max-lora-rank >= {max(r for r, _ in files.scalings().values())})"
     if pc.get("use_rslora") or patterns:
         out["llama.cpp"] = "not as is: llama.cpp reads one lora_alpha (no rsLoRA, no patterns); use --export-portable"
     elif mts:
@@ -338,16 +321,19 @@ def runtimes(files: AdapterFiles) -> dict[str, str]:
 
 def describe(files: AdapterFiles) -> str:
     pc, meta = files.peft_config, files.metadata
-    scalings = module_scalings(files)
+    scalings = files.scalings()
     ranks = sorted({r for r, _ in scalings.values()})
     n_params = sum(t.numel() for t in files.tensors.values())
     tensor_bytes = sum(t.numel() * t.element_size() for t in files.tensors.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in files.tensors.values()})
     targets = pc.get("target_modules")
-    quant = json.loads(meta[META + "quantization"]) if META + "quantization" in meta else None
+    try:
+        quant = recorded_quantization(meta)
+    except ValueError as e:
+        raise AdapterError(f"{files.weights_path}: header entry {e}") from None
     lines = [
         f"adapter         {files.folder}",
-        f"written by      {'hf_lowrank ' + meta[META + 'version'] if files.written_by_us else 'another tool (PEFT?)'}",
+        f"written by      {'hf_lowrank ' + meta[VERSION] if files.written_by_us else 'another tool (PEFT?)'}",
         f"base model      {files.base_model or 'unknown'}"
         + (f" @ {files.base_revision}" if files.base_revision else ""),
         f"quantization    {_quant(quant)}",
@@ -384,7 +370,7 @@ def portable(files: AdapterFiles) -> tuple[dict[str, torch.Tensor], dict[str, An
     rows / columns up to the largest rank, which changes nothing in B·A. lora_alpha = r then makes every reader's
     scaling exactly 1.
     """
-    scalings = module_scalings(files)
+    scalings = files.scalings()
     r_max = max(r for r, _ in scalings.values())
     tensors = dict(files.tensors)
     for module, (r, s) in scalings.items():
@@ -405,7 +391,8 @@ def export_portable(files: AdapterFiles, out: Path) -> Path:
         raise AdapterError(f"{files.config_path}: DoRA adapters have no single-alpha form (the magnitude vector "
                            "rescales each output); merge the adapter with PEFT instead")
     tensors, config = portable(files)
-    metadata = {k: v for k, v in files.metadata.items() if k not in (CHECKSUM, LEGACY_CRC32)}  # B changed
+    changed = (CHECKSUM, CONFIG_CHECKSUM, LEGACY_CRC32)  # B and the config change: write_adapter_files recomputes
+    metadata = {k: v for k, v in files.metadata.items() if k not in changed}
     return write_adapter_files(out, tensors, metadata, config)
 
 
@@ -419,7 +406,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
                    "lora_alpha = r, no rsLoRA, no rank/alpha patterns")
     args = p.parse_args(argv)
     try:
-        files = read_adapter(args.adapter, revision=args.revision, describe_only=True)
+        files = read(args.adapter, revision=args.revision, describe_only=True)
         print(describe(files))
         if args.export_portable:
             out = export_portable(files, Path(args.export_portable))

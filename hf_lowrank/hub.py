@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-WEIGHTS_NAME, CONFIG_NAME, CARD_NAME = "adapter_model.safetensors", "adapter_config.json", "README.md"  # as state.py
-ADAPTER_FILES = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]  # what is pushed and pulled; nothing else ever leaves
+from .format import ADAPTER_FILES, CARD_NAME, CONFIG_NAME, TRAINING, WEIGHTS_NAME, AdapterError
+from .state import read_adapter, save_adapter
 
 
 class HubError(RuntimeError):
@@ -134,9 +134,8 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str | None, action
 def _card_text(files, repo_id: str, revision: str | None) -> str | None:
     """The README.md to push: ours, rewritten to name the repo, unless the user wrote or edited the card."""
     from .card import model_card
-    from .state import META
 
-    training = json.loads(files.metadata.get(META + "training", "null"))
+    training = json.loads(files.metadata.get(TRAINING, "null"))
     card = files.folder / CARD_NAME
     if card.is_file():
         current = card.read_text(encoding="utf-8", errors="replace")
@@ -182,8 +181,6 @@ def push_adapter(dir_or_model: Any, repo_id: str, *, private: bool = False, revi
     """
     from huggingface_hub import HfApi, get_token
 
-    from .state import AdapterError, read_adapter, save_adapter
-
     if create_pr and revision not in (None, "main"):
         raise ValueError(f"push_adapter: create_pr=True opens a pull request against main; it cannot target "
                          f"revision {revision!r}. Pass one or the other.")
@@ -211,7 +208,7 @@ def push_adapter(dir_or_model: Any, repo_id: str, *, private: bool = False, revi
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision not in (None, "main"):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            return api.upload_folder(repo_id=repo_id, folder_path=staging, allow_patterns=ADAPTER_FILES,
+            return api.upload_folder(repo_id=repo_id, folder_path=staging, allow_patterns=list(ADAPTER_FILES),
                                      revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload LoRA adapter with hf-lowrank")
 
@@ -232,7 +229,8 @@ def pull_adapter(repo_id: str, *, revision: str | None = None, token: str | None
 
     with _hub_errors(repo_id, revision, endpoint, "pull"):
         folder = Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                        allow_patterns=ADAPTER_FILES, endpoint=endpoint, local_files_only=_offline()))
+                                        allow_patterns=list(ADAPTER_FILES), endpoint=endpoint,
+                                        local_files_only=_offline()))
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
     if missing:
         raise HubError(f"cannot pull {_where(repo_id, revision)}: the repo has no {' or '.join(missing)}; it is not an "
@@ -277,8 +275,6 @@ def push_main(argv: list[str] | None = None) -> int:
     p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     args = p.parse_args(argv)
-    from .state import AdapterError
-
     try:
         info = push_adapter(args.folder, args.repo_id, private=args.private, revision=args.revision,
                             commit_message=args.message, token=args.token, create_pr=args.create_pr)

@@ -1,6 +1,7 @@
-"""Put `LoraLinear` layers into a model, find them again, switch them off, and fold them into a 16-bit copy.
+"""Put `LoraLinear` layers into a model, find them again, freeze the rest, and switch them off.
 
 Adapters are found structurally (`isinstance(m, LoraLinear)`), never by looking for "lora" in a parameter name.
+Pure: this module knows no Trainer, no files and no network, and patches nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import LowRankConfig, name_matches
-from .layers import LoraLinear, _is_4bit, dense_weight, is_conv1d, is_linear
+from .config import LowRankConfig
+from .layers import LORA_A, LORA_B, LoraLinear, is_linear
+from .patterns import name_matches
 
 logger = logging.getLogger("hf_lowrank")
 
@@ -42,8 +44,8 @@ class AdapterModules:
         """Model-relative key → parameter for everything an adapter file holds (PEFT's keys without its prefix)."""
         params: dict[str, nn.Parameter] = {}
         for name, layer in self.layers:
-            params[f"{name}.lora_A.weight"] = layer.lora_A.weight
-            params[f"{name}.lora_B.weight"] = layer.lora_B.weight
+            params[f"{name}.{LORA_A}"] = layer.lora_A.weight
+            params[f"{name}.{LORA_B}"] = layer.lora_B.weight
         for name, module in self.saved:
             params.update((f"{name}.{p}", t) for p, t in module.named_parameters())
         return params
@@ -136,21 +138,19 @@ def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
         layer.train(base.training)  # from_pretrained returns models in eval mode; dropout must follow
         setattr(parent, child, layer)
 
+    model.lowrank_config = config
+    mark_trainable(model)
+    return model
+
+
+def mark_trainable(model: nn.Module, found: AdapterModules | None = None) -> None:
+    """Freeze every parameter but the adapters' A and B and the float parameters of `modules_to_save`."""
+    found = found or adapter_modules(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        layer.lora_A.weight.requires_grad_(True)
-        layer.lora_B.weight.requires_grad_(True)
-    model.lowrank_config = config
-    for _, module in saved_modules(model):
-        for p in module.parameters():
-            if p.is_floating_point():
-                p.requires_grad_(True)
-
-    from . import seams  # transformers' own hooks; the one module that touches its internals
-
-    seams.attach(model)
-    return model
+    for p in found.parameters().values():
+        if p.is_floating_point():
+            p.requires_grad_(True)
 
 
 @dataclass
@@ -199,72 +199,3 @@ def disabled_adapters(model: nn.Module):
             layer.disabled = disabled
             if merged:
                 layer.merge()
-
-
-@torch.no_grad()
-def merge(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """A plain transformers model (no LoRA layers, no 4-bit weights) with every ΔW folded in.
-
-    4-bit weights are dequantized to exactly what the adapter was trained against and the delta is added in 16 bits;
-    nothing is requantized. `dtype` defaults to the config's compute dtype. The input model is not changed.
-    """
-    cfg = getattr(model, "lowrank_config", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if dtype is None:
-        dtype = getattr(torch, cfg.compute_dtype) if cfg is not None and cfg.quantization else model.dtype
-    plain_config = _plain_config(model.config)
-    plain_config.dtype = str(dtype).split(".")[-1]
-    merged = type(model)._from_config(plain_config, dtype=dtype)
-    state = merged_state_dict(model, dtype, layout=merged)
-    missing, unexpected = merged.load_state_dict(state, strict=False)
-    tied = set(getattr(merged, "all_tied_weights_keys", {}) or {})
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"merge: state mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}")
-    merged.tie_weights()
-    return merged.eval()
-
-
-def merged_state_dict(model: nn.Module, dtype: torch.dtype, layout: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The plain model's state dict: LoRA folded in, 4-bit weights dequantized, keys as in the original model.
-
-    Each folded weight is W0 + s·B·A computed in float32, then cast to `dtype` once. Weights come out (out, in) as
-    `nn.Linear` stores them, except where the module of that name in `layout` (the plain model they are meant for;
-    by default `model` itself) is a GPT-2 `Conv1D`, which stores (in, out). A 4-bit layer no longer shows which of
-    the two it was, hence `layout`.
-    """
-    layout = model if layout is None else layout
-    layout_modules = dict(layout.named_modules())
-    state: dict[str, torch.Tensor] = {}
-    handled: set[str] = set()
-    for name, module in model.named_modules():
-        if any(name.startswith(h + ".") for h in handled):
-            continue
-        if isinstance(module, LoraLinear):
-            base = module.base_layer
-            w = dense_weight(base, torch.float32)
-            if not module.merged:
-                w = w + module.delta_weight().float()
-        elif _is_4bit(module):
-            base, w = module, dense_weight(module, torch.float32)
-        else:
-            continue
-        handled.add(name)
-        target = layout_modules.get(name)
-        conv = is_conv1d(target) or (isinstance(target, LoraLinear) and is_conv1d(target.base_layer))
-        state[f"{name}.weight"] = (w.T if conv else w).to(dtype).contiguous()
-        if getattr(base, "bias", None) is not None:
-            state[f"{name}.bias"] = base.bias.detach().to(dtype)
-    for key, t in list(model.state_dict().items()):
-        if any(key.startswith(h + ".") for h in handled):
-            continue
-        state[key] = t.to(dtype) if t.is_floating_point() else t
-    return state
-
-
-def _plain_config(config):
-    cfg = config.__class__.from_dict(config.to_dict())
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    return cfg

@@ -17,11 +17,41 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _torch_module  # the global forward hooks live there
+
+from .compat import shield_cpu_repack
+
+#: the adapter's parameter names inside a LoRA layer, as PEFT's files key them (`<module>.lora_A.weight`).
+LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """s = α/r, or α/√r with rank-stabilised LoRA: the one place the scaling formula is written."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraA(nn.Linear):
+    """A (r×in), bias-free: x·Aᵀ computed in x's dtype (the small weight is cast, never the input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _cast(self.weight, x.dtype))  # (…, in) -> (…, r)
+
+
+class LoraB(nn.Linear):
+    """B (out×r), bias-free: adds s·(a·Bᵀ) to the base output in one `addmm`, in the base output's dtype."""
+
+    def forward(self, a: torch.Tensor, out: torch.Tensor, scaling: float) -> torch.Tensor:
+        y = torch.addmm(out.reshape(-1, out.shape[-1]), _cast(a, out.dtype).reshape(-1, a.shape[-1]),
+                        _cast(self.weight, out.dtype).T, alpha=scaling)  # (N, out) + s·(N, r)·(r, out)
+        return y.view(out.shape)
 
 
 class LoraLinear(nn.Module):
     """x ↦ W0·x + s·B·A·dropout(x), with s = α/r (α/√r for rsLoRA).
+
+    The adapter branch computes in the activations' dtype (bf16 under QLoRA), as `torch.autocast` would: A and B
+    are cast to it, the input never is (no copy of x is made or kept for backward). A and B, their gradients and
+    the optimizer state stay in `dtype` (fp32 by default), so updates are exact. `lora_A` and `lora_B` are called
+    as modules, so hooks on them run (DeepSpeed ZeRO-3 gathers their weights that way).
 
     Args:
         base_layer: the frozen layer; ``nn.Linear``, transformers' ``Conv1D`` (weight stored in×out) or a
@@ -31,7 +61,7 @@ class LoraLinear(nn.Module):
         dropout: dropout probability on the adapter's input (0 = no dropout module at all).
         use_rslora: use α/√r instead of α/r.
         init: ``"kaiming"`` (A Kaiming-uniform like nn.Linear) or ``"gaussian"`` (A ~ N(0, 1/r)); B is zero.
-        dtype: dtype of A and B; the adapter branch computes in it and casts its result to the base output's dtype.
+        dtype: storage dtype of A and B.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -40,19 +70,19 @@ class LoraLinear(nn.Module):
         in_features, out_features = layer_features(base_layer)
         device = _device_of(base_layer)
         self.base_layer = base_layer
-        self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype, device=device)
+        self.lora_A = LoraA(in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B = LoraB(r, out_features, bias=False, dtype=dtype, device=device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.r = r
+        self.set_scaling(alpha, use_rslora)
         self.merged = False
         self.disabled = False
         self.reset_parameters(init)
-        if _is_4bit(base_layer):
-            # bitsandbytes 0.50 on CPUs with avx512_bf16 repacks the weight in place on the first eval-mode forward
-            # without grad, after which matmul_4bit no longer propagates gradients to its input (adapters upstream
-            # silently stop training) and out_features not divisible by 32 crash. Never take that path.
-            base_layer.support_avx512bf16_for_cpu = False
+        shield_cpu_repack(base_layer)
+
+    def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
+        self.alpha, self.use_rslora = alpha, use_rslora
+        self.scaling = lora_scaling(alpha, self.r, use_rslora)
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming") -> None:
@@ -74,37 +104,9 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x)  # (…, in) -> (…, out)
         if self.disabled or self.merged:
             return out
-        if self._hooked():
-            # DeepSpeed ZeRO-3 gathers A and B only when their own modules are called (hooks on lora_A / lora_B).
-            a = self.lora_A(_cast(self.dropout(x), self.lora_A.weight.dtype))  # (…, in) -> (…, r)
-            return out + _cast(self.lora_B(a) * self.scaling, out.dtype)  # (…, r) -> (…, out)
-        # The adapter computes in the activations' dtype (bf16 under QLoRA): its small weights are cast, never the
-        # (…, in) input, so no copy of x is made or kept for backward; gradients reach the fp32 weights through the
-        # cast and the optimizer updates them in fp32 (what torch.autocast does to an fp32 LoRA under bf16).
-        x_in, scaling = self._dropout(x)
-        a = F.linear(x_in, _cast(self.lora_A.weight, x.dtype))  # (…, in) -> (…, r)
-        # out + s·(a·Bᵀ) in one addmm: no (…, out) temporaries for the product and its scaling.
-        y = torch.addmm(out.reshape(-1, out.shape[-1]), _cast(a, out.dtype).reshape(-1, a.shape[-1]),
-                        _cast(self.lora_B.weight, out.dtype).T, alpha=scaling)  # (N, r) -> (N, out)
-        return y.view(out.shape)
-
-    def _dropout(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(dropout(x) up to its 1/(1-p) factor, the scaling that factor is folded into).
-
-        On CPU, for p ≤ 0.5, the dropped positions are drawn as geometric gaps between drops: about n·p random
-        draws instead of bernoulli_'s n (the RNG is a fifth of a CPU training step otherwise), the same i.i.d.
-        Bernoulli(p) mask, drawn from the default generator, so checkpointing's recompute redraws the same one.
-        """
-        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
-        if 0.0 < p <= 0.5 and x.device.type == "cpu":
-            return x.masked_fill(_drop_mask(x.numel(), p).view(x.shape), 0), self.scaling / (1 - p)
-        return self.dropout(x), self.scaling
-
-    def _hooked(self) -> bool:
-        """Whether calling lora_A / lora_B does more than the matmul (ZeRO-3 parameter gathering, user hooks)."""
-        m = _torch_module
-        return bool(self.lora_A._forward_pre_hooks or self.lora_B._forward_pre_hooks or self.lora_A._forward_hooks
-                    or self.lora_B._forward_hooks or m._global_forward_pre_hooks or m._global_forward_hooks)
+        x_in, keep_scale = dropout_unscaled(self.dropout, x)
+        a = self.lora_A(x_in)  # (…, in) -> (…, r)
+        return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·A, shape (out, in), in the adapter dtype."""
@@ -127,7 +129,7 @@ class LoraLinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, sign: int) -> None:
-        if _is_4bit(self.base_layer):
+        if is_4bit(self.base_layer):
             raise TypeError(
                 "LoraLinear.merge() cannot fold an update into 4-bit weights without requantizing them (which loses "
                 "the quality the adapter was trained for). Use hf_lowrank.merge(model), which returns a 16-bit copy "
@@ -143,8 +145,30 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}"
 
 
-def _drop_mask(n: int, p: float) -> torch.Tensor:
-    """n i.i.d. Bernoulli(p) booleans (True = drop), from geometric gaps between consecutive drops."""
+# ---- dropout on the adapter's input ---------------------------------------------------------------------------------
+
+
+def dropout_unscaled(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(dropout(x) without its 1/(1-p) factor, that factor), so the caller folds it into the scaling for free.
+
+    On CPU, for 0 < p ≤ 0.5, the dropped positions are drawn as geometric gaps between drops (`drop_mask`): about
+    n·p random draws instead of bernoulli_'s n. The RNG is a fifth of a CPU training step otherwise. Elsewhere (and
+    for larger p) torch's own dropout runs, scaled.
+    """
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if p == 0.0:
+        return x, 1.0
+    if p <= 0.5 and x.device.type == "cpu":
+        return x.masked_fill(drop_mask(x.numel(), p).view(x.shape), 0), 1 / (1 - p)
+    return dropout(x), 1.0
+
+
+def drop_mask(n: int, p: float) -> torch.Tensor:
+    """n i.i.d. Bernoulli(p) booleans (True = drop), from geometric gaps between consecutive drops.
+
+    Drawn from torch's default generator, so gradient checkpointing's recompute (which restores the RNG state)
+    redraws the same mask.
+    """
     chunk = int(n * p + 6 * math.sqrt(n * p) + 16)  # enough draws but for a 6-sigma shortfall
     ends = torch.empty(chunk, dtype=torch.float64).geometric_(p).cumsum_(0)  # 1-based positions of the drops
     while ends[-1] <= n:
@@ -153,6 +177,9 @@ def _drop_mask(n: int, p: float) -> torch.Tensor:
     drop = torch.zeros(n, dtype=torch.bool)
     drop[ends[ends <= n].long() - 1] = True
     return drop
+
+
+# ---- what kind of linear layer a module is --------------------------------------------------------------------------
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -165,13 +192,14 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
-def _is_4bit(module: nn.Module) -> bool:
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer (its weight carries a `quant_state`)."""
     return hasattr(getattr(module, "weight", None), "quant_state") and type(module).__name__ in {
         "Linear4bit", "LinearNF4", "LinearFP4"}
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return (isinstance(module, nn.Linear) and not isinstance(module, (LoraA, LoraB))) or is_conv1d(module)
 
 
 def layer_features(module: nn.Module) -> tuple[int, int]:
@@ -183,7 +211,7 @@ def layer_features(module: nn.Module) -> tuple[int, int]:
 
 def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight as a dense (out, in) tensor: dequantized for Linear4bit, transposed for Conv1D."""
-    if _is_4bit(module):
+    if is_4bit(module):
         import bitsandbytes.functional as bnbf
 
         w = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)

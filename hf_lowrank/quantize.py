@@ -18,11 +18,11 @@ the adapters, their gradients and their optimizer state are the only full-precis
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
 
+from .compat import shield_cpu_repack
 from .config import LowRankConfig
 from .inject import HEAD_NAMES
 
@@ -49,66 +49,6 @@ def bnb_config(config: LowRankConfig, skip_modules: list[str] | None = None):
     )
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
-
-
-def launch_kind() -> str | None:
-    """"deepspeed", "fsdp", "ddp" or None (one process), from the launcher's environment.
-
-    `accelerate launch` with a DeepSpeed or FSDP config exports ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP;
-    a `TrainingArguments(deepspeed=...)` made before loading (under `torchrun` or `deepspeed`) leaves transformers'
-    DeepSpeed config alive; any other launch with WORLD_SIZE > 1 is plain data parallel.
-    """
-    if _truthy("ACCELERATE_USE_DEEPSPEED") or _transformers_deepspeed_config() is not None:
-        return "deepspeed"
-    if _truthy("ACCELERATE_USE_FSDP"):
-        return "fsdp"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "ddp"
-    return None
-
-
-def _transformers_deepspeed_config() -> dict | None:
-    """The DeepSpeed config a live `TrainingArguments(deepspeed=...)` registered with transformers, if any."""
-    import sys
-
-    if "transformers" not in sys.modules:
-        return None
-    from .seams import live_deepspeed_config
-
-    return live_deepspeed_config()
-
-
-def current_device_map() -> dict[str, int | str] | None:
-    """The whole model on this process's device: one device per rank under a distributed launch, never "auto".
-
-    "auto" would spread one model over every visible GPU: under DDP each rank would then hold a model split across
-    all GPUs (DDP refuses such modules, or worse, ranks fight for memory). None when a `TrainingArguments` with a
-    ZeRO-3 config is alive: transformers then takes the ZeRO-3 init path, places the model itself and refuses any
-    `device_map`.
-    """
-    config = _transformers_deepspeed_config()
-    if config is not None and config.get("zero_optimization", {}).get("stage") == 3:
-        return None
-    if torch.cuda.is_available():
-        local_rank = os.environ.get("LOCAL_RANK")
-        return {"": int(local_rank) if local_rank is not None else torch.cuda.current_device()}
-    return {"": "cpu"}
-
-
-def for_launch(config: LowRankConfig) -> LowRankConfig:
-    """`config` adjusted to the launch: under FSDP or DeepSpeed, store the 4-bit codes in the model dtype.
-
-    FSDP and ZeRO-3 shard parameters as flat float buffers (and cast them under mixed precision): uint8 codes cannot
-    be sharded with bf16 weights or would be cast. The bits are the same in a bf16 container, so this costs nothing;
-    under ZeRO-2 it is harmless. An explicit float `quant_storage` is kept.
-    """
-    if launch_kind() in ("fsdp", "deepspeed") and config.quantization and config.quant_storage == "uint8":
-        return config.replace(quant_storage=config.compute_dtype)
-    return config
-
-
 def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     """Freeze the base and let gradients flow through it, without PEFT's blanket fp32 upcast.
 
@@ -118,8 +58,7 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False  # see LoraLinear: the packed CPU path drops input gradients
+        shield_cpu_repack(module)  # the packed CPU path drops input gradients (hf_lowrank.compat)
     if hasattr(model, "enable_input_require_grads"):
         try:
             model.enable_input_require_grads()
@@ -128,3 +67,15 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
                            "checkpointing its adapters may get no gradient (the first training step checks); use "
                            "gradient_checkpointing_kwargs={'use_reentrant': False}", type(model).__name__)
     return model
+
+
+def nf4_roundtrip(w: torch.Tensor, config: LowRankConfig) -> torch.Tensor:
+    """What a 4-bit layer holds for the dense weight `w` (out, in), as float32: cast to the compute dtype,
+    quantized as bitsandbytes' `Linear4bit` does on load (blocks of 64, `config`'s type and double quant), and
+    dequantized."""
+    import bitsandbytes.functional as bnbf
+
+    q, state = bnbf.quantize_4bit(w.to(getattr(torch, config.compute_dtype)).contiguous(), blocksize=64,
+                                  compress_statistics=config.double_quant, quant_type=config.quantization,
+                                  quant_storage=getattr(torch, config.quant_storage))
+    return bnbf.dequantize_4bit(q, state).float()

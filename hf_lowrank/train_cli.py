@@ -153,10 +153,10 @@ def plot_losses(history: list[dict], path: Path) -> Path | None:
 def train_main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
-    from . import from_pretrained
     from .data import build_default_base
-    from .state import WEIGHTS_NAME
-    from .trainer import LowRankCallback
+    from .format import WEIGHTS_NAME
+    from .integrations.callback import LowRankCallback
+    from .loading import from_pretrained
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((LowRankArguments, LowRankTrainingArguments))

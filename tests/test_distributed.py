@@ -329,7 +329,7 @@ def test_doctor_reports_every_refusal_at_once():
 
 def test_launch_is_read_from_the_environment(at_root, monkeypatch):
     from hf_lowrank import LowRankConfig
-    from hf_lowrank.quantize import current_device_map, for_launch, launch_kind
+    from hf_lowrank.launch import current_device_map, for_launch, launch_kind
 
     assert launch_kind() is None and for_launch(LowRankConfig()).quant_storage == "uint8"
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -29,8 +29,8 @@ from conftest import randomize_b, save_tiny, tokens
 from hub_server import HubServer
 
 import hf_lowrank
+from hf_lowrank import AdapterError, load_adapter, save_adapter
 from hf_lowrank.hub import HubError, pull_adapter, push_adapter
-from hf_lowrank.state import AdapterError, load_adapter, save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB = "hf_alice_token", "hf_bob_token"

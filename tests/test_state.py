@@ -24,7 +24,7 @@ LLAMA_MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 GPT2_MODULES = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 METADATA_KEYS = {"format", "hf_lowrank.version", "hf_lowrank.base_model", "hf_lowrank.base_revision",
                  "hf_lowrank.base_architecture", "hf_lowrank.quantization", "hf_lowrank.fingerprint",
-                 "hf_lowrank.modules", "hf_lowrank.checksum"}
+                 "hf_lowrank.modules", "hf_lowrank.checksum", "hf_lowrank.config_checksum"}
 
 
 def cfg(**kw) -> hf_lowrank.LowRankConfig:
@@ -150,7 +150,8 @@ def test_load_into_plain_model_injects_from_the_file(tiny_llama, tmp_path):
 # ---- strict loading: every bad input leaves the model exactly as it was ------------------------------------------
 
 
-def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.checksum",), metadata_add=None):
+def _rewrite(folder, drop=(), add=None, metadata_drop=("hf_lowrank.checksum", "hf_lowrank.config_checksum"),
+             metadata_add=None):
     """Rewrite the weights file with keys dropped / added, as another tool (no checksum of ours) would."""
     from safetensors.torch import save_file
 
@@ -186,10 +187,13 @@ class Evil:
 def _break(case: str, folder: Path, tmp_path: Path, other_base: str) -> Path:
     weights = folder / "adapter_model.safetensors"
     q0 = "base_model.model.model.layers.0.self_attn.q_proj."
+    up0 = "base_model.model.model.layers.0.mlp.up_proj."
     if case == "missing_key":
-        _rewrite(folder, drop=[q0 + "lora_B.weight"])
+        _rewrite(folder, drop=[q0 + "lora_A.weight", q0 + "lora_B.weight"])
     elif case == "unexpected_key":
-        _rewrite(folder, add={"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.ones(4, 128)})
+        _rewrite(folder, add={up0 + "lora_A.weight": torch.ones(4, 128), up0 + "lora_B.weight": torch.ones(256, 4)})
+    elif case == "lone_lora_b":  # an adapter holding a B without its A
+        _rewrite(folder, drop=[q0 + "lora_A.weight"])
     elif case == "shape_mismatch":
         save_adapter(adapted(other_base, cfg(target_modules=["q_proj", "v_proj"])), folder)
     elif case == "corrupted_header":
@@ -232,8 +236,11 @@ def _break(case: str, folder: Path, tmp_path: Path, other_base: str) -> Path:
 
 
 BAD = {
-    "missing_key": r"1 missing key\(s\), e.g. \['model.layers.0.self_attn.q_proj.lora_B.weight'\]",
-    "unexpected_key": r"1 unexpected key\(s\), e.g. \['model.layers.0.mlp.up_proj.lora_A.weight'\]",
+    "missing_key": r"2 missing key\(s\), e.g. \['model.layers.0.self_attn.q_proj.lora_A.weight', "
+                   r"'model.layers.0.self_attn.q_proj.lora_B.weight'\]",
+    "unexpected_key": r"2 unexpected key\(s\), e.g. \['model.layers.0.mlp.up_proj.lora_A.weight', "
+                      r"'model.layers.0.mlp.up_proj.lora_B.weight'\]",
+    "lone_lora_b": "layers.0.self_attn.q_proj has lora_B but no lora_A tensor",
     "shape_mismatch": "shape mismatch",
     "corrupted_header": "corrupted or truncated",
     "corrupted_data": "do not match the checksum",

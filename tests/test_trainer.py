@@ -161,7 +161,7 @@ def test_user_chosen_optim_is_kept_under_hook(tiny_llama, tmp_path):
 
 
 def test_no_gradient_guard_fires(tiny_llama, tmp_path):
-    from hf_lowrank.trainer import NoGradientError
+    from hf_lowrank.integrations.callback import NoGradientError
 
     model = hf_lowrank.from_pretrained(AutoModelForCausalLM, tiny_llama, LowRankConfig(r=4, quantization=None))
     # a target whose output never reaches the loss (detached): it and the two feeding it get no gradient

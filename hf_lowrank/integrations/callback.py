@@ -4,7 +4,8 @@
 - a start-of-training summary: base footprint, trainable parameters, quantization, optimizer, what is really paged;
 - a silent-failure guard: after the first backward, every adapter parameter must have a gradient.
 
-The mechanical Trainer seams (gate, adapter-only checkpoints, resume, best model) live in `seams.py`.
+Creating one installs the Trainer's seams (`hf_lowrank.integrations.transformers`: adapter-only checkpoints, resume,
+best model, distributed saves, Hub pushes).
 """
 
 from __future__ import annotations
@@ -14,13 +15,41 @@ import logging
 
 from transformers import TrainerCallback
 
-from .inject import lora_layers, parameter_summary
+from ..inject import lora_layers, parameter_summary
+from ..launch import launch_kind
+from . import transformers as _trainer_seams  # noqa: F401 (registers the "trainer" group)
+from .registry import install, register, wraps
 
 logger = logging.getLogger("hf_lowrank")
 
 PAGED_OPTIM = "paged_adamw_32bit"
 #: bitsandbytes pages an optimizer state tensor only from this many elements on (smaller ones stay in device memory).
 PAGE_MIN_NUMEL = 100_000
+
+
+# ---- which TrainingArguments fields the user passed ------------------------------------------------------------
+
+
+@register("transformers:TrainingArguments.__new__", group="hook",
+          test="tests/test_trainer.py::test_user_chosen_optim_is_kept_under_hook",
+          why="""Under the two-line hook the paged optimizer is our default, but a user who passes optim= explicitly
+          (even transformers' own default value) must keep it. A dataclass __init__ keeps no trace of which fields
+          were passed, and the TrainingArguments object reaches us only after it is built. TrainingArguments defines
+          no __new__, so adding one (which sees the keyword arguments and replaces no transformers code) is the
+          least invasive hook; uninstall deletes it again. Comparing optim with its default instead would override
+          a user who passed the default on purpose.""")
+def _wrap_training_arguments_new(original):
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["_hf_lowrank_explicit"] = frozenset(kwargs)
+        return obj
+
+    return staticmethod(wraps(original, __new__))
+
+
+def explicit_fields(args) -> frozenset[str] | None:
+    """Fields passed to this `TrainingArguments` by name, or None when it was made before the hook was enabled."""
+    return args.__dict__.get("_hf_lowrank_explicit")
 
 
 class NoGradientError(RuntimeError):
@@ -36,6 +65,7 @@ class LowRankCallback(TrainerCallback):
     """
 
     def __init__(self, default_optim: str | None = PAGED_OPTIM, check_gradients: bool = True) -> None:
+        install("trainer")
         self.default_optim = default_optim
         self.check_gradients = check_gradients
         self._checked = False
@@ -44,8 +74,6 @@ class LowRankCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, **kwargs):
         from transformers.training_args import OptimizerNames
-
-        from .seams import explicit_fields
 
         if self.default_optim is None:
             return
@@ -68,8 +96,6 @@ class LowRankCallback(TrainerCallback):
     # ---- silent-failure guard -------------------------------------------------------------------------------------
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        from .quantize import launch_kind
-
         if self._checked or not self.check_gradients or model is None or args.deepspeed or \
                 launch_kind() == "deepspeed":  # DeepSpeed keeps gradients in its own buffers
             return

@@ -1,0 +1,78 @@
+"""Every read of another library's private API, and the one workaround for a bug in a dependency.
+
+Patches that *replace* foreign code live in `hf_lowrank.integrations` (a registry that can be undone); this module
+only reads or sets what those libraries do not make public, one small function each, so a change upstream breaks
+in one named place. Each entry says what it touches, why no public API does, and which test fails when it moves.
+
+- `from_config`         transformers `PreTrainedModel._from_config`: builds a model of a concrete class from a config
+                        in a given dtype (the public `from_config` exists only on the Auto classes). Used by the
+                        in-memory merge. Test: tests/test_inject.py (merge round trips).
+- `quantized_modules`   transformers `AutoHfQuantizer.preprocess_model`: which layers `from_pretrained` stores in 4
+                        bits (its skip list: heads, tied weights, `llm_int8_skip_modules`). Used by the shard-by-shard
+                        merge. Test: tests/test_export.py.
+- `live_deepspeed_config` transformers' weakly referenced DeepSpeed config of a live `TrainingArguments(deepspeed=...)`.
+                        Decides the device map (none under ZeRO-3) and the 4-bit storage dtype. Test:
+                        tests/test_distributed.py.
+- `shield_cpu_repack`   a bitsandbytes bug (below), version-gated.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+
+def from_config(model_cls, config, dtype):
+    """`model_cls` built from `config` with its weights in `dtype` (transformers' `_from_config`)."""
+    return model_cls._from_config(config, dtype=dtype)
+
+
+def quantized_modules(model: nn.Module, quantization_config) -> set[str]:
+    """Names of the modules that `from_pretrained(..., quantization_config=...)` turns into `Linear4bit`, decided by
+    transformers' own quantizer on `model`, a meta-device copy that this call changes."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config)
+    quantizer.preprocess_model(model, device_map={"": "cpu"})
+    return {name for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"}
+
+
+def live_deepspeed_config() -> dict | None:
+    """The DeepSpeed config dict a live `TrainingArguments(deepspeed=...)` registered with transformers, or None.
+    Never imports transformers: with it not imported, no such config can exist."""
+    if "transformers" not in sys.modules:
+        return None
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    return deepspeed_config()
+
+
+# ---- bitsandbytes: the packed CPU path ----------------------------------------------------------------------------
+#
+# On CPUs with avx512_bf16, bitsandbytes' `Linear4bit` repacks its weight in place on the first eval-mode forward
+# without grad. After that, `matmul_4bit` no longer propagates gradients to its input (adapters upstream silently
+# stop training), and layers whose out_features is not a multiple of 32 crash. The layer's own opt-out flag keeps it
+# off that path. Test: tests/test_layers.py (an eval forward mid-training changes no gradient; odd widths evaluate).
+
+#: the attribute bitsandbytes reads to decide whether to repack (present from 0.45 on).
+_REPACK_FLAG = "support_avx512bf16_for_cpu"
+#: the first bitsandbytes release that fixes the bug; None while no release does (checked up to 0.50.2).
+BNB_REPACK_FIXED_IN: tuple[int, ...] | None = None
+
+
+def _bnb_version() -> tuple[int, ...]:
+    import bitsandbytes
+
+    return tuple(int(p) for p in bitsandbytes.__version__.split(".")[:3] if p.isdigit())
+
+
+def cpu_repack_shield_needed() -> bool:
+    """Whether the installed bitsandbytes has the bug (every release with the flag, until one fixes it)."""
+    return BNB_REPACK_FIXED_IN is None or _bnb_version() < BNB_REPACK_FIXED_IN
+
+
+def shield_cpu_repack(module: nn.Module) -> None:
+    """Keep a bitsandbytes 4-bit layer off the packed CPU path (a no-op for other modules and fixed releases)."""
+    if hasattr(module, _REPACK_FLAG) and cpu_repack_shield_needed():
+        setattr(module, _REPACK_FLAG, False)

@@ -1,0 +1,212 @@
+"""The Trainer's seams: where transformers 5 assumes `peft`, and what hf_lowrank does there (group "trainer").
+
+Each patch below is registered with what it replaces and the test that covers it; all are strict no-ops for models
+without hf_lowrank adapters. Installed by `LowRankCallback()` and by `hf_lowrank.enable()`; undone by
+`hf_lowrank.integrations.uninstall()`. The instance-level seams (the quantized-model gate's flag and the
+adapter-only `save_pretrained`) are set by `hf_lowrank.loading.attach`, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from ..format import CARD_NAME, CONFIG_NAME, FULL_MODEL_FILES, WEIGHTS_NAME
+from ..inject import has_adapters
+from .registry import register, wraps
+
+logger = logging.getLogger("hf_lowrank")
+DISTRIBUTED_TEST = ("tests/test_distributed.py::"
+                    "test_resume_runs_only_the_remaining_steps_and_ends_where_the_full_run_ended")
+
+
+def ours(model) -> bool:
+    return model is not None and has_adapters(model)
+
+
+def adapter_only(folder: str) -> bool:
+    """A checkpoint holding our adapter and no full model."""
+    return os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and not any(
+        os.path.isfile(os.path.join(folder, f)) for f in FULL_MODEL_FILES)
+
+
+# ---- checkpoints: resume and best model --------------------------------------------------------------------------
+
+
+@register("transformers:Trainer._load_from_checkpoint", group="trainer",
+          test="tests/test_trainer.py::test_resume_from_checkpoint_20_of_30_matches_uninterrupted",
+          why="""transformers loads adapter-only checkpoints only for PeftModels (else it looks for model.safetensors
+          and stops with "Can't find a valid checkpoint"); ours are loaded with hf_lowrank's strict loader.""")
+def _wrap_load_from_checkpoint(original):
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = model if model is not None else self.model
+        if ours(target) and not self.is_fsdp_enabled and adapter_only(resume_from_checkpoint):
+            from ..state import load_adapter
+
+            logger.info("hf_lowrank: resuming adapter from %s", resume_from_checkpoint)
+            load_adapter(target, resume_from_checkpoint)
+            return None
+        return original(self, resume_from_checkpoint, model)
+
+    return wraps(original, _load_from_checkpoint)
+
+
+@register("transformers:Trainer._load_best_model", group="trainer",
+          test="tests/test_trainer.py::test_load_best_model_at_end",
+          why="""load_best_model_at_end knows adapter-only checkpoints only for PeftModels (it would warn and keep
+          the last weights); ours load the best checkpoint's adapter.""")
+def _wrap_load_best_model(original):
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if ours(self.model) and not self.is_deepspeed_enabled and not self.is_fsdp_enabled and best and \
+                adapter_only(best):
+            from ..state import load_adapter
+
+            logger.info("hf_lowrank: loading best adapter from %s (score %s)", best, self.state.best_metric)
+            load_adapter(self.model, best)
+            return None
+        return original(self)
+
+    return wraps(original, _load_best_model)
+
+
+# ---- distributed: ZeRO-3 and FSDP save only the adapters, DeepSpeed resumes adapter-only state -------------------
+
+
+def _zero3(trainer) -> bool:
+    return bool(trainer.is_deepspeed_enabled and trainer.deepspeed is not None
+                and trainer.deepspeed.zero_optimization_partition_weights())
+
+
+def trainable_state_dict(trainer) -> dict | None:
+    """The trainable parameters of `trainer.model`, whole, on the main process (None elsewhere).
+
+    A collective under ZeRO-3 and FSDP: every rank must call it. ZeRO-3 uses DeepSpeed's layer-by-layer gather with
+    frozen parameters excluded; FSDP uses torch's `get_model_state_dict(full_state_dict, ignore_frozen_params)`.
+    """
+    if _zero3(trainer):
+        return trainer.deepspeed._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    if trainer.is_fsdp_enabled:
+        return full_trainable_state_dict(trainer.model_wrapped)
+    return None
+
+
+def full_trainable_state_dict(model) -> dict:
+    """Trainable parameters of an FSDP (1 or 2) model gathered whole on CPU; collective, every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+@register("transformers:Trainer.save_model", group="trainer",
+          test=DISTRIBUTED_TEST,
+          why="""Under ZeRO-3 save_model gathers only trainable parameters for PeftModels (else it needs a
+          full-model gather or writes an empty state dict); under FSDP it gathers the whole model or nothing. For
+          ours both gather the trainable parameters only, on every rank, and the main process writes them.""")
+def _wrap_save_model(original):
+    def save_model(self, output_dir=None, _internal_call: bool = False):
+        if not (ours(self.model) and (_zero3(self) or self.is_fsdp_enabled)):
+            return original(self, output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state_dict = trainable_state_dict(self)  # collective: all ranks
+        if self.args.should_save:
+            logger.info("hf_lowrank: saving the gathered adapter (%d tensors) to %s", len(state_dict), output_dir)
+            self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    return wraps(original, save_model)
+
+
+@register("transformers:Trainer._save_optimizer_and_scheduler", group="trainer",
+          test=DISTRIBUTED_TEST,
+          why="""DeepSpeed's own checkpoint (engine.save_checkpoint) excludes frozen parameters only for PeftModels:
+          for ours it then holds the adapters' module state and the optimizer, not the 4-bit base.""")
+def _wrap_save_optimizer_and_scheduler(original):
+    def _save_optimizer_and_scheduler(self, output_dir):
+        engine = self.model_wrapped
+        if not (self.is_deepspeed_enabled and ours(self.model) and hasattr(engine, "save_checkpoint")):
+            return original(self, output_dir)
+        save_checkpoint = engine.save_checkpoint
+        engine.save_checkpoint = lambda *a, **k: save_checkpoint(*a, **{"exclude_frozen_parameters": True, **k})
+        try:
+            return original(self, output_dir)
+        finally:
+            del engine.save_checkpoint  # back to the class method
+
+    return wraps(original, _save_optimizer_and_scheduler)
+
+
+@register("transformers.trainer:deepspeed_load_checkpoint", group="trainer",
+          test=DISTRIBUTED_TEST,
+          why="""Resuming loads DeepSpeed's checkpoint with load_module_strict=True unless the model is a
+          PeftModel; ours hold adapter-only module state, loaded non-strictly (the base comes from
+          from_pretrained).""")
+def _wrap_deepspeed_load_checkpoint(original):
+    def deepspeed_load_checkpoint(deepspeed_engine, checkpoint_path, load_module_strict=True):
+        if ours(getattr(deepspeed_engine, "module", None)):
+            load_module_strict = False
+        return original(deepspeed_engine, checkpoint_path, load_module_strict=load_module_strict)
+
+    return wraps(original, deepspeed_load_checkpoint)
+
+
+# ---- Hub: checkpoint pushes and the model card -----------------------------------------------------------------
+
+
+@register("transformers:Trainer._push_from_checkpoint", group="trainer",
+          test="tests/test_hub.py::test_trainer_pushes_adapter_only",
+          why="""It copies a checkpoint's adapter files into the pushed output_dir only when peft is installed
+          (else each "Training in progress" commit carries no adapter): for ours we copy them ourselves.""")
+def _wrap_push_from_checkpoint(original):
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if ours(self.model) and self.is_world_process_zero():
+            out = self.args.output_dir
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(out, name))
+            card = os.path.join(checkpoint_folder, CARD_NAME)
+            if os.path.isfile(card) and not os.path.isfile(os.path.join(out, CARD_NAME)):
+                shutil.copy(card, os.path.join(out, CARD_NAME))
+        return original(self, checkpoint_folder)
+
+    return wraps(original, _push_from_checkpoint)
+
+
+def update_adapter_card(model, output_dir: str, repo_id: str | None = None) -> None:
+    """Merge the adapter card into `output_dir/README.md` (the Trainer's summary); idempotent."""
+    from ..card import merge_into_card
+    from ..format import adapter_metadata, peft_config_dict
+
+    path = os.path.join(output_dir, CARD_NAME)
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    merged = merge_into_card(text, peft_config_dict(model), adapter_metadata(model), repo_id=repo_id)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(merged)
+
+
+@register("transformers:Trainer.create_model_card", group="trainer",
+          test="tests/test_hub.py::test_trainer_pushes_adapter_only",
+          why="""It overwrites README.md with its training summary and then, when the old card said
+          library_name: peft, calls model.create_or_update_model_card, which only PeftModel has (AttributeError).
+          Ours get one that merges the adapter card into the summary.""")
+def _wrap_create_model_card(original):
+    def create_model_card(self, *args, **kwargs):
+        model = self.accelerator.unwrap_model(self.model) if self.model is not None else None
+        if not ours(model) or not self.is_world_process_zero():
+            return original(self, *args, **kwargs)
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        model.create_or_update_model_card = lambda output_dir: update_adapter_card(model, output_dir, repo_id)
+        original(self, *args, **kwargs)
+        update_adapter_card(model, self.args.output_dir, repo_id)
+
+    return wraps(original, create_model_card)
+
+
+__all__ = ["adapter_only", "full_trainable_state_dict", "ours", "trainable_state_dict",
+           "update_adapter_card"]

@@ -1,0 +1,161 @@
+"""The loading API: the explicit `from_pretrained`, `inject` and `load_adapter` on a model, and `load` (base + adapter).
+
+    from_pretrained(AutoModelForCausalLM, path, cfg)   NF4 base (BitsAndBytesConfig from cfg, one device per rank)
+                                                       → freeze, input grads → inject LoRA → attach
+    load_adapter(model, folder_or_repo_id)             resolve (local folder, or pulled from the Hub) → strict load
+    load(AutoModelForCausalLM, folder_or_repo_id)      the base the adapter records, then load_adapter
+
+`attach` is what makes transformers treat an injected model as an adapter model, on the instance only: the
+`_hf_peft_config_loaded` flag (which the Trainer's quantized-model gate and `gradient_checkpointing_enable` read)
+and a `save_pretrained` that writes the adapter files (the flag alone would send transformers' own down a path that
+imports peft). Class-level patches of transformers live in `hf_lowrank.integrations`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LowRankConfig
+from .format import AdapterError
+from .inject import inject as _inject
+from .launch import current_device_map, for_launch
+from .quantize import bnb_config, prepare_for_kbit_training
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def bypassed():
+    """Inside the block, the global `from_pretrained` hook (if installed) calls transformers' own."""
+    _local.depth = bypass_depth() + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
+def bypass_depth() -> int:
+    return getattr(_local, "depth", 0)
+
+
+def from_pretrained(model_cls: Any, name_or_path: str, lowrank_config: LowRankConfig | None = None, /,
+                    **hf_kwargs: Any):
+    """Load `name_or_path` with `model_cls` (an `AutoModel*` or model class), quantize, prepare and inject LoRA.
+
+    Arguments the caller gives in `hf_kwargs` win over ours (`quantization_config`, `dtype`, `device_map`);
+    `config=` is transformers' model config, as in `from_pretrained`.
+    """
+    config = for_launch(lowrank_config or LowRankConfig())
+    if config.quantization:
+        hf_kwargs.setdefault("quantization_config", bnb_config(config))
+        if "torch_dtype" not in hf_kwargs:
+            hf_kwargs.setdefault("dtype", getattr(torch, config.compute_dtype))
+        hf_kwargs.setdefault("device_map", current_device_map())
+    with bypassed():
+        model = model_cls.from_pretrained(name_or_path, **hf_kwargs)
+    prepare_for_kbit_training(model)
+    return inject(model, config)
+
+
+def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
+    """Put LoRA layers into `model` (see `hf_lowrank.inject.inject`); a transformers model is also attached, so
+    the Trainer and `save_pretrained` treat it as an adapter model. Returns the same model object."""
+    _inject(model, config)
+    attach(model)
+    return model
+
+
+def attach(model: nn.Module) -> None:
+    """Mark a transformers model with adapters as an adapter model, on the instance (a no-op for other modules)."""
+    transformers = sys.modules.get("transformers")  # not imported: the model cannot be a transformers model
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return
+    model._hf_peft_config_loaded = True
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
+def _save_pretrained(self, save_directory, *, is_main_process: bool = True, state_dict=None, push_to_hub=False,
+                     **kwargs):
+    """Write the adapter (PEFT's files) instead of the full model; `state_dict` is used when given (what the
+    Trainer's `_save` gathered under DeepSpeed / FSDP)."""
+    from .state import save_adapter
+
+    if not is_main_process:
+        return
+    save_adapter(self, save_directory, state_dict=state_dict)
+    if push_to_hub:
+        from .hub import push_adapter
+
+        repo_id = kwargs.pop("repo_id", os.path.basename(os.fspath(save_directory).rstrip("/")))
+        push_adapter(save_directory, repo_id, commit_message=kwargs.get("commit_message"),
+                     token=kwargs.get("token"), private=kwargs.get("private", False))
+
+
+def resolve_adapter(src: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local adapter folder as it is, or a Hub repo id ("user/name") pulled into the Hub cache."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    s = os.fspath(src)
+    looks_like_repo = s.count("/") == 1 and not s.startswith((".", "/", "~")) and not path.exists()
+    if looks_like_repo and not os.path.exists(s.split("/")[0]):
+        from .hub import pull_adapter
+
+        return Path(pull_adapter(s, revision=revision))
+    if path.exists():
+        raise AdapterError(f"{path} is a file; an adapter is a folder with adapter_model.safetensors and "
+                           "adapter_config.json")
+    raise AdapterError(f"adapter folder {path} does not exist (nor is it a Hub repo id like 'user/name')")
+
+
+def read(src, revision: str | None = None, *, describe_only: bool = False):
+    """`hf_lowrank.state.read_adapter` of a local folder or a Hub repo id."""
+    from .state import AdapterFiles, read_adapter
+
+    if isinstance(src, AdapterFiles):
+        return src
+    return read_adapter(resolve_adapter(src, revision), describe_only=describe_only)
+
+
+def load_adapter(model: nn.Module, src, revision: str | None = None) -> nn.Module:
+    """Load an adapter (a folder, or a Hub repo id at `revision`) strictly into `model`, injecting layers first when
+    it has none. Everything is checked before any parameter changes. Returns the model."""
+    from .state import load_adapter as load_files
+
+    load_files(model, read(src, revision))
+    attach(model)
+    return model
+
+
+_FROM_ADAPTER = object()
+
+
+def load(model_cls: Any, adapter, *, revision: str | None = None, quantization: Any = _FROM_ADAPTER,
+         base: str | None = None, **hf_kwargs: Any):
+    """The base model named in the adapter's config (at its recorded revision), then the adapter, strictly.
+
+    `quantization` defaults to what hf_lowrank recorded when it saved the adapter, and to None (a 16-bit base)
+    for adapters written by other tools. `base` overrides the recorded base path (a local copy, say).
+    """
+    files = read(adapter, revision)
+    cfg = files.config
+    if quantization is not _FROM_ADAPTER:
+        cfg = cfg.replace(quantization=quantization)
+    base = base or files.base_model
+    if not base:
+        raise AdapterError(f"{files.config_path}: base_model_name_or_path is empty; pass base='path/or/repo-id'.")
+    if files.base_revision and "revision" not in hf_kwargs and base == files.base_model:
+        hf_kwargs["revision"] = files.base_revision
+    if cfg.quantization is None and "dtype" not in hf_kwargs and "torch_dtype" not in hf_kwargs:
+        hf_kwargs["dtype"] = "auto"
+    model = from_pretrained(model_cls, base, cfg, **hf_kwargs)
+    return load_adapter(model, files)
