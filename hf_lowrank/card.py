@@ -8,20 +8,9 @@ LoRA settings and usage snippets for hf_lowrank, PEFT and the CLI.
 
 from __future__ import annotations
 
-import os
-import re
 from typing import Any
 
-from .format import BASE_MODEL, VERSION, recorded_quantization
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def hub_model_id(name: str | None) -> str | None:
-    """`name` when it reads as a Hub model id ("org/name" or "name"), None for local paths and empty values."""
-    if not name or name.startswith((".", "/", "~")) or os.path.isabs(name) or os.path.isdir(name):
-        return None
-    return name if _HUB_ID.fullmatch(name) and not name.endswith((".", "-")) else None
+from .format import BASE_MODEL, VERSION, hub_model_id, recorded_quantization
 
 
 def card_tags(peft_config: dict[str, Any], metadata: dict[str, str]) -> list[str]:
@@ -45,7 +34,8 @@ def is_generated_card(text: str) -> bool:
 
 
 def _base(peft_config: dict[str, Any], metadata: dict[str, str]) -> str:
-    return peft_config.get("base_model_name_or_path") or metadata.get(BASE_MODEL) or ""
+    """The base as a card may name it: a Hub id, never a local path (cards are published); "" when none."""
+    return hub_model_id(peft_config.get("base_model_name_or_path") or metadata.get(BASE_MODEL)) or ""
 
 
 def model_card(peft_config: dict[str, Any], metadata: dict[str, str], training: dict[str, Any] | None = None,
@@ -101,7 +91,7 @@ def _usage(peft_config: dict[str, Any], metadata: dict[str, str], repo_id: str |
         "```", "", "With PEFT:", "", "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
-        f'base = AutoModelForCausalLM.from_pretrained("{hub_model_id(base) or base or "BASE"}")',
+        f'base = AutoModelForCausalLM.from_pretrained("{base or "BASE"}")',
         f'model = PeftModel.from_pretrained(base, "{where}"{rev})',
         "```", "",
     ]

@@ -160,7 +160,7 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
         return nf4_roundtrip(w, files.config)
 
     def fill(tmp: Path) -> None:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import save_file
         from transformers import AutoConfig
 
@@ -168,8 +168,12 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
         weight_map: dict[str, str] = {}
         total = 0
         for i, shard in enumerate(_progress(shards, "merging shards")):
-            with safe_open(base / shard, framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+            try:
+                with safe_open(base / shard, framework="pt") as f:
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+            except (SafetensorError, OSError) as e:
+                raise AdapterError(f"merge: base shard {base / shard} cannot be read ({e}); nothing was written") \
+                    from None
             if load_dtype is not None:
                 tensors = {k: t.to(load_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
             merged = merge_state_dict(tensors, adapter, scalings, dtype, module_of=lambda k: lay.module_of(k, known),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +88,16 @@ def task_type(model: nn.Module) -> str | None:
     return next((t for suffix, t in TASK_TYPES.items() if name.endswith(suffix)), None)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub model id ("org/name" or "name"), None for local paths and empty values."""
+    if not name or name.startswith((".", "/", "~")) or os.path.isabs(name) or os.path.isdir(name):
+        return None
+    return name if _HUB_ID.fullmatch(name) and not name.endswith((".", "-")) else None
+
+
 # ---- building the files' contents from a model ----------------------------------------------------------------------
 
 
@@ -140,7 +152,7 @@ def adapter_metadata(model: nn.Module, found: AdapterModules | None = None) -> d
     return {
         "format": "pt",
         VERSION: __version__,
-        BASE_MODEL: getattr(hf_config, "_name_or_path", "") or "",
+        BASE_MODEL: hub_model_id(getattr(hf_config, "_name_or_path", "")) or "",  # never a local path
         BASE_REVISION: getattr(hf_config, "_commit_hash", None) or "",
         ARCHITECTURE: ",".join(getattr(hf_config, "architectures", None) or [type(model).__name__]),
         QUANTIZATION: json.dumps(quant, sort_keys=True),

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -25,6 +27,8 @@ from typing import Any
 
 from .format import ADAPTER_FILES, CARD_NAME, CONFIG_NAME, TRAINING, WEIGHTS_NAME, AdapterError
 from .state import read_adapter, save_adapter
+
+logger = logging.getLogger("hf_lowrank")
 
 
 class HubError(RuntimeError):
@@ -131,8 +135,9 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str | None, action
 # ---- push -----------------------------------------------------------------------------------------------------------
 
 
-def _card_text(files, repo_id: str, revision: str | None) -> str | None:
-    """The README.md to push: ours, rewritten to name the repo, unless the user wrote or edited the card."""
+def _card_text(files, published: dict[str, Any], metadata: dict[str, str], repo_id: str,
+               revision: str | None) -> str | None:
+    """The README.md to push: ours, written for the published config, unless the user wrote or edited the card."""
     from .card import model_card
 
     training = json.loads(files.metadata.get(TRAINING, "null"))
@@ -142,7 +147,7 @@ def _card_text(files, repo_id: str, revision: str | None) -> str | None:
         generated = model_card(files.peft_config, files.metadata, training)
         if current != generated:
             return None  # the user's own card (or one edited by hand, or by the Trainer): push it as it is
-    return model_card(files.peft_config, files.metadata, training, repo_id=repo_id, revision=revision)
+    return model_card(published, metadata, training, repo_id=repo_id, revision=revision)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -152,14 +157,93 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _stage(files, staging: Path, repo_id: str, revision: str | None) -> list[str]:
-    """Fill `staging` with the adapter files (hard links) and the card; returns the names staged."""
+def check_regular_files(folder: Path) -> None:
+    """Refuse (naming it) any adapter file of `folder` that is a symlink, not a regular file, or not inside it:
+    a push uploads only what really lives in the folder (a README.md linking to a private key must not leave)."""
+    real = folder.resolve()
+    for name in ADAPTER_FILES:
+        path = folder / name
+        if not os.path.lexists(path):
+            continue
+        if path.is_symlink() or not path.is_file() or path.resolve().parent != real:
+            what = f"a symlink to {os.readlink(path)!r}" if path.is_symlink() else "not a regular file"
+            raise HubError(f"refusing to push {path}: it is {what}. Only regular files inside the adapter folder are "
+                           "uploaded; copy the real file there (e.g. `hf-lowrank pull REPO --output DIR` for an "
+                           "adapter in the Hub cache).")
+
+
+_CACHE_REPO = re.compile(r"(?:^|/)models--([^/]+)/snapshots/[^/]+/?$")
+
+
+def published_base(files, base_model: str | None = None) -> str | None:
+    """The Hub id published as the adapter's base: `base_model`, else the recorded base when it is a Hub id (or a
+    folder of the Hub cache, whose id its name holds); None when only a local path is known (never published)."""
+    from .format import hub_model_id
+
+    if base_model is not None:
+        if not hub_model_id(base_model):
+            raise HubError(f"--base-model {base_model!r} is not a Hub model id ('org/name'); give the id of the base "
+                           "on the Hub, never a local path")
+        return base_model
+    recorded = files.base_model or ""
+    if hub_model_id(recorded):
+        return recorded
+    match = _CACHE_REPO.search(recorded.replace(os.sep, "/"))
+    return match.group(1).replace("--", "/") if match else None
+
+
+def publish_in_place(folder: str | os.PathLike, base_model: str | None = None) -> None:
+    """Rewrite the adapter files of `folder` to name the published base (see `published_base`) instead of a local
+    path, for folders that another uploader (the Trainer's pushes) sends as they are. A no-op when nothing
+    local is recorded."""
+    from .format import BASE_MODEL
+    from .state import write_adapter_files
+
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        return
+    files = read_adapter(folder)
+    base = published_base(files, base_model)
+    if files.peft_config.get("base_model_name_or_path") == base and files.metadata.get(BASE_MODEL, "") in ("", base):
+        return
+    if base is None:
+        logger.warning("hf_lowrank: %s records the local base %r, which is not published; the pushed config names no "
+                       "base", folder, files.base_model)
+    training = json.loads(files.metadata.get(TRAINING, "null"))
+    write_adapter_files(folder, files.tensors, {**files.metadata, BASE_MODEL: base or ""},
+                        {**files.peft_config, "base_model_name_or_path": base}, training)
+
+
+def _stage(files, staging: Path, repo_id: str, revision: str | None, base_model: str | None = None) -> list[str]:
+    """Fill `staging` with what is published: the adapter files (hard links, or rewritten where they record a
+    local base path) and the card; returns the names staged."""
+    from .format import BASE_MODEL
+
     folder, names = files.folder, []
-    for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
-        if (folder / name).is_file():
-            _link_or_copy(folder / name, staging / name)
-            names.append(name)
-    card = _card_text(files, repo_id, revision)
+    base = published_base(files, base_model)
+    recorded = files.base_model
+    if base is None and recorded:
+        logger.warning("hf_lowrank: the adapter's base %r is a local path, which is not published; the pushed "
+                       "config names no base. Pass --base-model ORG/NAME (push_adapter(base_model=...)).", recorded)
+    published = {**files.peft_config, "base_model_name_or_path": base}
+    metadata = dict(files.metadata)
+    if metadata.get(BASE_MODEL) and metadata[BASE_MODEL] != (base or ""):  # headers of older versions: a local path
+        metadata[BASE_MODEL] = base or ""
+    if metadata == files.metadata:
+        _link_or_copy(folder / WEIGHTS_NAME, staging / WEIGHTS_NAME)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(files.tensors, str(staging / WEIGHTS_NAME), metadata=metadata)  # same tensors and checksums
+    if published == files.peft_config:
+        _link_or_copy(folder / CONFIG_NAME, staging / CONFIG_NAME)
+    else:
+        (staging / CONFIG_NAME).write_text(json.dumps(published, indent=2, sort_keys=True) + "\n")
+    names += [WEIGHTS_NAME, CONFIG_NAME]
+    if (folder / CARD_NAME).is_file():
+        _link_or_copy(folder / CARD_NAME, staging / CARD_NAME)
+        names.append(CARD_NAME)
+    card = _card_text(files, published, metadata, repo_id, revision)
     if card is not None:
         with contextlib.suppress(FileNotFoundError):
             (staging / CARD_NAME).unlink()
@@ -170,11 +254,13 @@ def _stage(files, staging: Path, repo_id: str, revision: str | None) -> list[str
 
 def push_adapter(dir_or_model: Any, repo_id: str, *, private: bool = False, revision: str | None = None,
                  commit_message: str | None = None, token: str | None = None, create_pr: bool = False,
-                 endpoint: str | None = None):
+                 endpoint: str | None = None, base_model: str | None = None):
     """Push an adapter (a saved folder, or a model with hf_lowrank adapters) to `repo_id` in ONE commit.
 
-    Only `adapter_model.safetensors`, `adapter_config.json` and `README.md` are uploaded; a model card is written
-    when the folder has none (and ours is refreshed to name the repo). The repo is created when missing (`private`
+    Only `adapter_model.safetensors`, `adapter_config.json` and `README.md` are uploaded, and only as regular files
+    inside the folder (a symlink is refused); a model card is written when the folder has none (and ours is
+    refreshed to name the repo). The base is published as a Hub id (`base_model`, else the one recorded at load),
+    never as a local path. The repo is created when missing (`private`
     applies then); `revision` is a branch, created from main when missing; `create_pr=True` opens a pull request
     against main instead of committing to it. Returns huggingface_hub's `CommitInfo` (`.oid`, `.commit_url`,
     `.pr_url`). Raises `HubError` naming the repo and the fix.
@@ -184,6 +270,13 @@ def push_adapter(dir_or_model: Any, repo_id: str, *, private: bool = False, revi
     if create_pr and revision not in (None, "main"):
         raise ValueError(f"push_adapter: create_pr=True opens a pull request against main; it cannot target "
                          f"revision {revision!r}. Pass one or the other.")
+    if isinstance(dir_or_model, (str, os.PathLike)):  # the folder is checked before anything else happens
+        folder = Path(dir_or_model)
+        if not folder.is_dir():
+            raise AdapterError(f"push_adapter: {folder} is not a folder; pass the folder save_adapter wrote "
+                               f"({WEIGHTS_NAME} + {CONFIG_NAME}) or the model itself")
+        check_regular_files(folder)  # before reading anything through a link
+        files = read_adapter(folder)  # refuse to publish a broken adapter
     if _offline():
         raise HubError(f"cannot push to {_where(repo_id, revision)}: HF_HUB_OFFLINE=1 is set and a push needs the "
                        "network; unset HF_HUB_OFFLINE (or set it to 0) to push.")
@@ -192,17 +285,11 @@ def push_adapter(dir_or_model: Any, repo_id: str, *, private: bool = False, revi
         raise HubError(f"cannot push to {_where(repo_id, revision)}: no Hugging Face token found; set HF_TOKEN or run "
                        "`hf auth login` with a token that has write access.")
     with tempfile.TemporaryDirectory(prefix="hf-lowrank-push-") as tmp:
-        if isinstance(dir_or_model, (str, os.PathLike)):
-            folder = Path(dir_or_model)
-            if not folder.is_dir():
-                raise AdapterError(f"push_adapter: {folder} is not a folder; pass the folder save_adapter wrote "
-                                   f"({WEIGHTS_NAME} + {CONFIG_NAME}) or the model itself")
-        else:
-            folder = save_adapter(dir_or_model, Path(tmp) / "adapter")
-        files = read_adapter(folder)  # refuse to publish a broken adapter
+        if not isinstance(dir_or_model, (str, os.PathLike)):
+            files = read_adapter(save_adapter(dir_or_model, Path(tmp) / "adapter"))
         staging = Path(tmp) / "staging"
         staging.mkdir()
-        _stage(files, staging, repo_id, revision)
+        _stage(files, staging, repo_id, revision, base_model)
         api = HfApi(endpoint=endpoint, token=token)
         with _hub_errors(repo_id, revision, endpoint, "push to"):
             api.create_repo(repo_id, private=private, exist_ok=True)
@@ -274,10 +361,13 @@ def push_main(argv: list[str] | None = None) -> int:
     p.add_argument("--message", help="commit message")
     p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    p.add_argument("--base-model", help="Hub id of the base model to publish (default: the id recorded when the base "
+                   "was loaded; a local path is never published)")
     args = p.parse_args(argv)
     try:
         info = push_adapter(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                            commit_message=args.message, token=args.token, create_pr=args.create_pr)
+                            commit_message=args.message, token=args.token, create_pr=args.create_pr,
+                            base_model=args.base_model)
     except (HubError, AdapterError, ValueError) as e:
         print(f"hf-lowrank push: {e}", file=sys.stderr)
         return 1

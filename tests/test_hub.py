@@ -31,6 +31,7 @@ from hub_server import HubServer
 import hf_lowrank
 from hf_lowrank import AdapterError, load_adapter, save_adapter
 from hf_lowrank.hub import HubError, pull_adapter, push_adapter
+from hf_lowrank.state import read_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE, BOB = "hf_alice_token", "hf_bob_token"
@@ -55,7 +56,7 @@ def hub():
 
 
 @pytest.fixture
-def online(hub, monkeypatch, tmp_path):
+def online(hub, monkeypatch, tmp_path, tiny_llama):
     """This process as if started with HF_ENDPOINT=<test hub>, HF_HUB_OFFLINE=0, HF_TOKEN=alice's, a fresh cache."""
     from huggingface_hub import constants
 
@@ -67,6 +68,7 @@ def online(hub, monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-saved-tokens"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", ALICE)
+    hub.tiny_base = tiny_llama  # the (local) base of the adapters these tests push
     return hub
 
 
@@ -129,11 +131,14 @@ def test_push_pull_load_same_outputs(online, nf4_adapter, tmp_path):
 
     path = pull_adapter("alice/qlora-tiny")
     assert sorted(os.listdir(path)) == sorted(ADAPTER)
-    assert (path / "adapter_config.json").read_bytes() == (folder / "adapter_config.json").read_bytes()
+    local = json.loads((folder / "adapter_config.json").read_text())
+    assert local["base_model_name_or_path"] == online.tiny_base  # a local path: never published
+    assert json.loads((path / "adapter_config.json").read_text()) == {**local, "base_model_name_or_path": None}
+    assert not any(online.tiny_base.encode() in b for b in online.files("alice/qlora-tiny").values())
     for k, t in weights(folder).items():
         assert torch.equal(weights(path)[k], t), k
 
-    model = hf_lowrank.load(AutoModelForCausalLM, "alice/qlora-tiny").eval()
+    model = hf_lowrank.load(AutoModelForCausalLM, "alice/qlora-tiny", base=online.tiny_base).eval()
     assert (trained - base_out).abs().max() > 1e-3, "the adapter must change the output"
     torch.testing.assert_close(logits(model), trained, rtol=0, atol=1e-5)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules()), "load() rebuilds the NF4 base"
@@ -327,7 +332,7 @@ def test_cache_and_offline(online, nf4_adapter, monkeypatch):
     assert pull_adapter("alice/cached", revision="stable") == first
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as read at import
     assert pull_adapter("alice/cached", revision="stable") == first
-    model = hf_lowrank.load(AutoModelForCausalLM, "alice/cached", revision="stable").eval()
+    model = hf_lowrank.load(AutoModelForCausalLM, "alice/cached", revision="stable", base=online.tiny_base).eval()
     torch.testing.assert_close(logits(model), trained, rtol=0, atol=1e-5)
     assert len(online.requests) == before, "offline: not one request"
     with pytest.raises(HubError, match=r"'alice/cached' at revision 'main'.*HF_HUB_OFFLINE=1.*not in the local Hub"):
@@ -341,7 +346,8 @@ def test_cli_push_and_pull(online, nf4_adapter, tmp_path, capsys):
     from hf_lowrank.cli import main
 
     folder, _, _ = nf4_adapter
-    assert main(["push", str(folder), "alice/cli", "--private", "--revision", "exp"]) == 0
+    assert main(["push", str(folder), "alice/cli", "--private", "--revision", "exp", "--base-model",
+                 "org/tiny-llama"]) == 0
     repo = online.repos["alice/cli"]
     assert repo.private and set(repo.branches) == {"main", "exp"}
     assert capsys.readouterr().out.strip() == f"{online.url}/alice/cli/commit/{repo.branches['exp']}"
@@ -352,7 +358,13 @@ def test_cli_push_and_pull(online, nf4_adapter, tmp_path, capsys):
     assert main(["pull", "alice/cli", "--revision", "exp", "--output", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert sorted(os.listdir(out)) == sorted(ADAPTER) and not any(p.is_symlink() for p in out.iterdir())
-    assert (out / "adapter_model.safetensors").read_bytes() == (folder / "adapter_model.safetensors").read_bytes()
+    assert weights(out).keys() == weights(folder).keys()
+    assert all(torch.equal(weights(out)[k], t) for k, t in weights(folder).items())
+    pushed = json.loads((out / "adapter_config.json").read_text())
+    assert pushed["base_model_name_or_path"] == "org/tiny-llama"
+    card = (out / "README.md").read_text()
+    assert "base_model: org/tiny-llama" in card and "base_model:adapter:org/tiny-llama" in card
+    assert online.tiny_base not in card and online.tiny_base not in json.dumps(read_adapter(out).metadata)
 
     missing = outputs / "never"
     assert main(["pull", "alice/cli", "--revision", "nope", "--output", str(missing)]) == 1
@@ -366,7 +378,7 @@ def test_cli_push_and_pull(online, nf4_adapter, tmp_path, capsys):
 # ---- the Trainer --------------------------------------------------------------------------------------------------
 
 TRAINER_SCRIPT = textwrap.dedent('''
-    import json, sys
+    import json, os, sys
     sys.modules["peft"] = None  # as on a machine without peft: `import peft` fails and find_spec finds nothing
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -384,7 +396,7 @@ TRAINER_SCRIPT = textwrap.dedent('''
     model = AutoModelForCausalLM.from_pretrained(base)
     args = TrainingArguments(output_dir=out, max_steps=4, save_steps=2, per_device_train_batch_size=4,
                              learning_rate=1e-2, use_cpu=True, report_to=[], push_to_hub=True, hub_model_id=repo_id,
-                             hub_strategy="checkpoint")
+                             hub_strategy="checkpoint", hub_token=os.environ["HF_TOKEN"])
     trainer = Trainer(model=model, args=args, train_dataset=Tokens())
     trainer.train()
     info = trainer.push_to_hub()
@@ -392,7 +404,7 @@ TRAINER_SCRIPT = textwrap.dedent('''
     x = torch.randint(1, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         trained = model.eval()(x).logits.float()
-        pulled = hf_lowrank.load(AutoModelForCausalLM, repo_id).eval()(x).logits.float()  # via HF_ENDPOINT
+        pulled = hf_lowrank.load(AutoModelForCausalLM, repo_id, base=base).eval()(x).logits.float()  # via HF_ENDPOINT
         with hf_lowrank.disabled_adapters(model):
             base_out = model(x).logits.float()
     print("RESULT " + json.dumps({"oid": info.oid, "diff": (trained - pulled).abs().max().item(),
@@ -431,6 +443,14 @@ def test_trainer_pushes_adapter_only(hub, tiny_llama, tmp_path):
     assert "library_name: peft" in front and "- hf-lowrank" in front and "- generated_from_trainer" in front
     assert "## LoRA adapter (hf-lowrank)" in card and 'hf_lowrank.load(AutoModelForCausalLM, "alice/trained")' in card
     assert "learning_rate: 0.01" in card  # the Trainer's summary is kept
+
+    every_upload = [b for c in repo.commits.values() for b in c.files.values()]
+    assert not any(ALICE.encode() in b for b in every_upload), "hub_token left the machine in training_args.bin"
+    leaks = sorted(p for c in repo.commits.values() for p, b in c.files.items() if tiny_llama.encode() in b)
+    assert not leaks, f"a local path was published in {leaks}"
+    assert json.loads(hub.files("alice/trained")["adapter_config.json"])["base_model_name_or_path"] is None
+    local_args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert type(local_args).__name__ == "TrainingArguments" and local_args.hub_token is None
 
 
 # ---- olah: a Hub mirror nobody here wrote, serving git repositories -------------------------------------------------

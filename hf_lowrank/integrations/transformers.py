@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from pathlib import Path
 
+from ..atomic import interrupted_save
 from ..format import CARD_NAME, CONFIG_NAME, FULL_MODEL_FILES, WEIGHTS_NAME
 from ..inject import has_adapters
 from .registry import register, wraps
@@ -69,6 +71,45 @@ def _wrap_load_best_model(original):
         return original(self)
 
     return wraps(original, _load_best_model)
+
+
+CHECKPOINT_PREFIX, TRAINER_STATE = "checkpoint-", "trainer_state.json"
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that a save finished (its trainer state written, its adapter
+    files in place, no save of ours interrupted in it); each newer, unfinished one is named in a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(n[len(CHECKPOINT_PREFIX):]), n) for n in os.listdir(output_dir)
+                   if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()
+                   and os.path.isdir(os.path.join(output_dir, n)))
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        complete = os.path.isfile(os.path.join(folder, TRAINER_STATE)) and \
+            os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) \
+            and not interrupted_save(Path(folder))
+        if complete:
+            return folder
+        logger.warning("hf_lowrank: skipping %s: its save did not finish (the run was killed while writing it)",
+                       folder)
+    return None
+
+
+@register("transformers:Trainer.train", group="trainer",
+          test="tests/test_hardening.py::test_resume_skips_a_checkpoint_killed_mid_save",
+          why="""resume_from_checkpoint=True takes the newest checkpoint-N folder, even one a kill left with only
+          a half-written save in it ("Can't find a valid checkpoint"); for ours it takes the newest complete one
+          and says which it skipped.""")
+def _wrap_train(original):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True and ours(self.model):
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        return original(self, resume_from_checkpoint, *args, **kwargs)
+
+    return wraps(original, train)
 
 
 # ---- distributed: ZeRO-3 and FSDP save only the adapters, DeepSpeed resumes adapter-only state -------------------
@@ -156,13 +197,60 @@ def _wrap_deepspeed_load_checkpoint(original):
 # ---- Hub: checkpoint pushes and the model card -----------------------------------------------------------------
 
 
+TRAINING_ARGS = "training_args.bin"
+_redacting: dict[type, type] = {}
+
+
+def redact_hub_token(args) -> None:
+    """Make `args` pickle without its `hub_token` (in memory it keeps it, for the pushes): its class becomes a
+    subclass whose pickles name the original class and leave the token out, so `training_args.bin` loads as usual."""
+    cls = type(args)
+    if cls in _redacting.values() or not getattr(args, "hub_token", None):
+        return
+    if cls not in _redacting:
+        def __reduce_ex__(self, protocol):  # rebuilt as the original class, by the standard library alone
+            import copyreg
+
+            state = {k: v for k, v in self.__dict__.items() if k != "hub_token"}
+            return copyreg._reconstructor, (cls, object, None), state
+
+        def __deepcopy__(self, memo):  # copies in memory keep the token (only pickles leave it out)
+            import copy
+
+            clone = object.__new__(type(self))
+            memo[id(self)] = clone
+            clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+            return clone
+
+        def __copy__(self):
+            clone = object.__new__(type(self))
+            clone.__dict__.update(self.__dict__)
+            return clone
+
+        sub = type(cls.__name__, (cls,), {"__reduce_ex__": __reduce_ex__, "__deepcopy__": __deepcopy__,
+                                          "__copy__": __copy__, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__})
+        _redacting[cls] = sub
+    args.__class__ = _redacting[cls]
+
+
 @register("transformers:Trainer._push_from_checkpoint", group="trainer",
           test="tests/test_hub.py::test_trainer_pushes_adapter_only",
           why="""It copies a checkpoint's adapter files into the pushed output_dir only when peft is installed
-          (else each "Training in progress" commit carries no adapter): for ours we copy them ourselves.""")
+          (else each "Training in progress" commit carries no adapter): for ours we copy them ourselves. It also
+          uploads training_args.bin, a pickle of the TrainingArguments that holds hub_token: for ours the pickles
+          it uploads leave the token out.""")
 def _wrap_push_from_checkpoint(original):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         if ours(self.model) and self.is_world_process_zero():
+            from ..hub import publish_in_place
+
+            if getattr(self.args, "hub_token", None):
+                import torch
+
+                redact_hub_token(self.args)
+                if os.path.isfile(os.path.join(checkpoint_folder, TRAINING_ARGS)):
+                    torch.save(self.args, os.path.join(checkpoint_folder, TRAINING_ARGS))
             out = self.args.output_dir
             for name in (WEIGHTS_NAME, CONFIG_NAME):
                 if os.path.isfile(os.path.join(checkpoint_folder, name)):
@@ -170,6 +258,8 @@ def _wrap_push_from_checkpoint(original):
             card = os.path.join(checkpoint_folder, CARD_NAME)
             if os.path.isfile(card) and not os.path.isfile(os.path.join(out, CARD_NAME)):
                 shutil.copy(card, os.path.join(out, CARD_NAME))
+            publish_in_place(checkpoint_folder)
+            publish_in_place(out)
         return original(self, checkpoint_folder)
 
     return wraps(original, _push_from_checkpoint)
@@ -201,6 +291,10 @@ def _wrap_create_model_card(original):
         if not ours(model) or not self.is_world_process_zero():
             return original(self, *args, **kwargs)
         repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        if getattr(self, "_hf_lowrank_pushing", False):  # inside push_to_hub: the folder is uploaded next
+            from ..hub import publish_in_place
+
+            publish_in_place(self.args.output_dir)
         model.create_or_update_model_card = lambda output_dir: update_adapter_card(model, output_dir, repo_id)
         original(self, *args, **kwargs)
         update_adapter_card(model, self.args.output_dir, repo_id)
@@ -208,5 +302,24 @@ def _wrap_create_model_card(original):
     return wraps(original, create_model_card)
 
 
-__all__ = ["adapter_only", "full_trainable_state_dict", "ours", "trainable_state_dict",
-           "update_adapter_card"]
+@register("transformers:Trainer.push_to_hub", group="trainer",
+          test="tests/test_hub.py::test_trainer_pushes_adapter_only",
+          why="""It uploads output_dir as it is: our adapter_config.json there may record the base as a local path,
+          and training_args.bin is a pickle of the TrainingArguments holding hub_token. For ours, the token is left
+          out of those pickles and the adapter files name a Hub id (or no base) before the upload.""")
+def _wrap_push_to_hub(original):
+    def push_to_hub(self, *args, **kwargs):
+        if not ours(self.model):
+            return original(self, *args, **kwargs)
+        redact_hub_token(self.args)
+        self._hf_lowrank_pushing = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self._hf_lowrank_pushing = False
+
+    return wraps(original, push_to_hub)
+
+
+__all__ = ["adapter_only", "full_trainable_state_dict", "last_complete_checkpoint", "ours", "redact_hub_token",
+           "trainable_state_dict", "update_adapter_card"]
