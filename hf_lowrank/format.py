@@ -112,8 +112,8 @@ def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | N
     found = found or adapter_modules(model)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, param in found.parameters().items():
-        t = state_dict[key] if state_dict is not None and key in state_dict else param
+    for key, (state_key, param) in found.entries().items():
+        t = state_dict[state_key] if state_dict is not None and state_key in state_dict else param
         t = t.detach()
         t = t.to("cpu", dtype or t.dtype).contiguous()
         if t.untyped_storage().data_ptr() in seen:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import LowRankConfig
-from .layers import LORA_A, LORA_B, LoraLinear, is_linear
+from .layers import LORA_A, LORA_B, LoraLinear, SavedModule, is_linear
 from .patterns import name_matches
 
 logger = logging.getLogger("hf_lowrank")
@@ -38,29 +38,43 @@ class AdapterModules:
     """What one walk over a model finds: its LoRA layers and its `modules_to_save` modules, in module order."""
 
     layers: list[tuple[str, LoraLinear]]
-    saved: list[tuple[str, nn.Module]]
+    saved: list[tuple[str, nn.Module]]  # a SavedModule, or (before injection) the plain module it would wrap
 
     def parameters(self) -> dict[str, nn.Parameter]:
         """Model-relative key → parameter for everything an adapter file holds (PEFT's keys without its prefix)."""
-        params: dict[str, nn.Parameter] = {}
+        return {key: p for key, (_, p) in self.entries().items()}
+
+    def entries(self) -> dict[str, tuple[str, nn.Parameter]]:
+        """File key (model-relative) → (the key of that parameter in the model's state_dict, the parameter)."""
+        out: dict[str, tuple[str, nn.Parameter]] = {}
         for name, layer in self.layers:
-            params[f"{name}.{LORA_A}"] = layer.lora_A.weight
-            params[f"{name}.{LORA_B}"] = layer.lora_B.weight
+            out[f"{name}.{LORA_A}"] = (f"{name}.{LORA_A}", layer.lora_A.weight)
+            out[f"{name}.{LORA_B}"] = (f"{name}.{LORA_B}", layer.lora_B.weight)
         for name, module in self.saved:
-            params.update((f"{name}.{p}", t) for p, t in module.named_parameters())
-        return params
+            inner, prefix = (module.trainable, f"{name}.trainable") if isinstance(module, SavedModule) else \
+                (module, name)
+            out.update((f"{name}.{p}", (f"{prefix}.{p}", t)) for p, t in inner.named_parameters())
+        return out
 
 
 def adapter_modules(model: nn.Module, modules_to_save: list[str] | None = None) -> AdapterModules:
-    """`lora_layers` and `saved_modules` in one walk; `modules_to_save` defaults to the model's config."""
+    """LoRA layers and saved modules in one walk, found structurally (`LoraLinear`, `SavedModule`).
+
+    `modules_to_save` (names, PEFT's matching) also finds the plain modules an injection would wrap, for checking
+    an adapter file against a model before anything changes; it defaults to the model's config.
+    """
     if modules_to_save is None:
         modules_to_save = getattr(getattr(model, "lowrank_config", None), "modules_to_save", None)
     found = AdapterModules([], [])
+    inside: list[str] = []  # saved modules' own children are not searched
     for name, module in model.named_modules():
+        if any(name.startswith(s + ".") for s in inside):
+            continue
         if isinstance(module, LoraLinear):
             found.layers.append((name, module))
-        elif modules_to_save and name and name_matches(modules_to_save, name):
+        elif isinstance(module, SavedModule) or (modules_to_save and name and name_matches(modules_to_save, name)):
             found.saved.append((name, module))
+            inside.append(name)
     return found
 
 
@@ -71,6 +85,18 @@ def has_adapters(model: nn.Module) -> bool:
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) for every `modules_to_save` module (trained and saved in full)."""
     yield from adapter_modules(model).saved
+
+
+def wrap_saved(model: nn.Module, found: AdapterModules) -> AdapterModules:
+    """Replace each plain module of `found.saved` by a `SavedModule` around it; returns the updated walk."""
+    saved = []
+    for name, module in found.saved:
+        if not isinstance(module, SavedModule):
+            parent_name, _, child = name.rpartition(".")
+            module = SavedModule(module)
+            setattr(model.get_submodule(parent_name), child, module)
+        saved.append((name, module))
+    return AdapterModules(found.layers, saved)
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -139,7 +165,7 @@ def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
         setattr(parent, child, layer)
 
     model.lowrank_config = config
-    mark_trainable(model)
+    mark_trainable(model, wrap_saved(model, adapter_modules(model)))
     return model
 
 
@@ -186,16 +212,24 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
 
 @contextlib.contextmanager
 def disabled_adapters(model: nn.Module):
-    """Run the base model: every adapter off (merged ones taken out) inside the block, restored after it."""
-    layers = [layer for _, layer in lora_layers(model)]
+    """Run the base model exactly: every adapter off (merged ones taken out) and every saved module back to its
+    original inside the block; all restored after it."""
+    found = adapter_modules(model, [])
+    layers = [layer for _, layer in found.layers]
+    saved = [m for _, m in found.saved if isinstance(m, SavedModule)]
     state = [(layer.disabled, layer.merged) for layer in layers]
+    saved_state = [m.disabled for m in saved]
     try:
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
+        for m in saved:
+            m.disabled = True
         yield model
     finally:
         for layer, (disabled, merged) in zip(layers, state, strict=True):
             layer.disabled = disabled
             if merged:
                 layer.merge()
+        for m, disabled in zip(saved, saved_state, strict=True):
+            m.disabled = disabled

@@ -145,6 +145,43 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}"
 
 
+class SavedModule(nn.Module):
+    """A module trained and saved in full (`modules_to_save`, e.g. a new classification head): a trainable copy
+    beside the frozen original, so that with adapters disabled the model is exactly the base again.
+
+    The copy's parameters keep the module's own names in adapter files (`lm_head.weight`, as PEFT writes them);
+    attributes the model reads through the wrapper (`weight`, `out_features`...) are the active module's.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        import copy
+
+        super().__init__()
+        self.original = original
+        self.trainable = copy.deepcopy(original)
+        for p in self.original.parameters():
+            p.requires_grad_(False)
+        self.disabled = False
+
+    @property
+    def active(self) -> nn.Module:
+        return self.original if self.disabled else self.trainable
+
+    def forward(self, *args, **kwargs):
+        return self.active(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # the wrapper's own modules and parameters
+        except AttributeError:
+            if name in ("original", "trainable"):
+                raise
+            return getattr(self.active, name)
+
+    def extra_repr(self) -> str:
+        return f"disabled={self.disabled}"
+
+
 # ---- dropout on the adapter's input ---------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .compat import from_config
-from .layers import LORA_A, LORA_B, LoraLinear, dense_weight, is_4bit, is_conv1d
+from .layers import LORA_A, LORA_B, LoraLinear, SavedModule, dense_weight, is_4bit, is_conv1d
 
 
 def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -106,6 +106,10 @@ def _model_tensors(model: nn.Module, layout: Mapping[str, nn.Module]):
     handled: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(h + ".") for h in handled):
+            continue
+        if isinstance(module, SavedModule):  # the trained copy, under the module's own name
+            handled.append(name)
+            base.update((f"{name}.{k}", t) for k, t in module.trainable.state_dict().items())
             continue
         if isinstance(module, LoraLinear):
             src = module.base_layer

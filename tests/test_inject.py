@@ -138,13 +138,17 @@ def test_gpt2_nf4_loads_and_trains(tiny_gpt2):
 def test_bert_sequence_classification_head_is_saved_module(tiny_bert):
     model = hf_lowrank.from_pretrained(AutoModelForSequenceClassification, tiny_bert, LowRankConfig(r=4))
     assert model.lowrank_config.modules_to_save == ["classifier"]
-    assert isinstance(model.classifier, torch.nn.Linear) and not isinstance(model.classifier, LoraLinear)
+    from hf_lowrank.layers import SavedModule
+
+    assert isinstance(model.classifier, SavedModule) and type(model.classifier.trainable) is torch.nn.Linear
+    assert model.classifier.weight is model.classifier.trainable.weight  # the model sees the trained copy
     assert model.classifier.weight.requires_grad and model.classifier.weight.dtype == torch.bfloat16
+    assert not model.classifier.original.weight.requires_grad  # the original stays, frozen, for disabled adapters
     names = sorted(n for n, _ in hf_lowrank.lora_layers(model))
     assert "bert.pooler.dense" in names and "bert.encoder.layer.0.attention.self.query" in names
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"classifier.weight", "classifier.bias"} <= trainable
-    assert all(n.startswith("classifier.") or ".lora_" in n for n in trainable)
+    assert {"classifier.trainable.weight", "classifier.trainable.bias"} <= trainable
+    assert all(n.startswith("classifier.trainable.") or ".lora_" in n for n in trainable)
     out = model(input_ids=tokens(), labels=torch.tensor([0, 1]))
     out.loss.backward()
     assert model.classifier.weight.grad is not None

@@ -67,7 +67,7 @@ def test_llama_keys_shapes_and_header(tiny_llama, tmp_path):
         assert t.dtype == torch.float32 and t.is_contiguous()
     assert set(meta) == METADATA_KEYS | {"hf_lowrank.training"}
     assert meta["format"] == "pt" and meta["hf_lowrank.version"] == hf_lowrank.__version__
-    assert meta["hf_lowrank.base_model"] == tiny_llama
+    assert meta["hf_lowrank.base_model"] == ""  # a local path is never written into the header (it is published)
     assert meta["hf_lowrank.base_architecture"] == "LlamaForCausalLM"
     assert json.loads(meta["hf_lowrank.quantization"]) == {"quantization": None}
     assert json.loads(meta["hf_lowrank.modules"])["model.layers.0.self_attn.k_proj"] == [64, 128]
