@@ -28,9 +28,13 @@ def _quant(metadata: dict[str, str]) -> dict[str, Any]:
         return {"quantization": None}
 
 
+GENERATED_MARK = "Trained with [hf-lowrank]"
+
+
 def is_generated_card(text: str) -> bool:
-    """Whether a README.md is a card hf_lowrank wrote (and may rewrite), not one the user wrote."""
-    return "hf-lowrank" in text[:2000]
+    """Whether a README.md is the card hf_lowrank writes beside an adapter (and may rewrite): not one the user
+    wrote, and not a trainer's card that our adapter section was merged into."""
+    return GENERATED_MARK in text[:4000] and ADAPTER_SECTION not in text
 
 
 def _base(peft_config: dict[str, Any], metadata: dict[str, str]) -> str:
@@ -48,7 +52,7 @@ def model_card(peft_config: dict[str, Any], metadata: dict[str, str], training: 
     lines = [
         *front, "",
         f"# LoRA adapter{f' for {base}' if base else ''}", "",
-        "Trained with [hf-lowrank](https://github.com/hf-lowrank/hf-lowrank) (`hf-lowrank`), saved in PEFT's format.",
+        f"{GENERATED_MARK}(https://github.com/hf-lowrank/hf-lowrank) (`hf-lowrank`), saved in PEFT's format.",
         "", *_settings(peft_config, metadata),
     ]
     if training:

@@ -276,3 +276,27 @@ def test_kbit_preparation_warns_for_models_without_input_embeddings(caplog):
         assert prepare_for_kbit_training(model) is model
     assert not any(p.requires_grad for p in model.parameters())
     assert "NoEmbeddings has no input embeddings" in caplog.text and "use_reentrant" in caplog.text
+
+
+def test_disabled_adapters_give_the_exact_base_with_a_loaded_head(tiny_llama, tmp_path):
+    """After load_adapter of an adapter that trains lm_head (modules_to_save), disabling the adapters gives the base
+    model's outputs exactly (the original head, not the trained copy); the trained model differs."""
+    trained = hf_lowrank.from_pretrained(AutoModelForCausalLM, tiny_llama, LowRankConfig(
+        r=4, quantization=None, modules_to_save=["lm_head"]))
+    _randomize_adapters(trained)
+    with torch.no_grad():
+        trained.lm_head.weight.add_(torch.randn_like(trained.lm_head.weight))
+    hf_lowrank.save_adapter(trained, tmp_path / "a")
+    x = tokens()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    with torch.no_grad():
+        expected = base(x).logits
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    hf_lowrank.load_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        adapted = model(x).logits
+        with hf_lowrank.disabled_adapters(model):
+            torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=0)
+            assert model.lm_head.weight is model.lm_head.original.weight
+        torch.testing.assert_close(model(x).logits, adapted, rtol=0, atol=0)
+    assert (adapted - expected).abs().max() > 1e-2

@@ -19,6 +19,7 @@ from ..inject import lora_layers, parameter_summary
 from ..launch import launch_kind
 from . import transformers as _trainer_seams  # noqa: F401 (registers the "trainer" group)
 from .registry import install, register, wraps
+from .trl import install_when_trl_imported
 
 logger = logging.getLogger("hf_lowrank")
 
@@ -66,6 +67,7 @@ class LowRankCallback(TrainerCallback):
 
     def __init__(self, default_optim: str | None = PAGED_OPTIM, check_gradients: bool = True) -> None:
         install("trainer")
+        install_when_trl_imported()
         self.default_optim = default_optim
         self.check_gradients = check_gradients
         self._checked = False

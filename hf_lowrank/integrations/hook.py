@@ -19,6 +19,7 @@ from ..loading import bypass_depth, from_pretrained
 from . import callback as _callback  # noqa: F401 (registers TrainingArguments.__new__)
 from . import transformers as _trainer_seams  # noqa: F401 (registers the "trainer" group)
 from .registry import install, register, uninstall, wraps
+from .trl import install_when_trl_imported
 
 _active: LowRankConfig | None = None
 FROM_PRETRAINED = "transformers:PreTrainedModel.from_pretrained"
@@ -78,6 +79,7 @@ def enable(config: LowRankConfig | None = None, **fields: Any) -> LowRankConfig:
         raise TypeError(f"enable() expects a LowRankConfig, got {type(config).__name__}")
     install("trainer")
     install("hook")
+    install_when_trl_imported()
     _active = config
     return config
 
