@@ -10,7 +10,6 @@ inspect config, ranks, targets, size, base, and which runtimes read the adapter 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -186,9 +185,11 @@ def _write_safetensors(folder: Path, name: str, tensors: dict[str, torch.Tensor]
 
 
 def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.dtype,
-                    log: Callable[[str], None] = print) -> Path:
-    """Write the merged model as a standard transformers folder, shard by shard as the base is sharded."""
+                    log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    """Write the merged model as a standard transformers folder, shard by shard as the base is sharded
+    (`progress`: a progress bar over the shards on stderr, `log` lines written above it)."""
     from safetensors import safe_open
+    from tqdm import tqdm
     from transformers import AutoConfig
 
     index_path = base / INDEX_FILE
@@ -208,6 +209,8 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
     done: set[str] = set()
     weight_map: dict[str, str] = {}
     total = 0
+    bar = tqdm(total=len(shards), desc="merging", unit="shard", disable=not progress, file=sys.stderr)
+    say = (lambda m: bar.write(m, file=sys.stdout)) if progress else log
     for i, shard in enumerate(shards):
         with safe_open(base / shard, framework="pt") as f:
             merged = merge_tensors({k: f.get_tensor(k) for k in f.keys()}, files, lay, known, scalings, dtype,  # noqa: SIM118
@@ -218,8 +221,10 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
         _write_safetensors(output, shard, merged)
         weight_map.update(dict.fromkeys(merged, shard))
         total += sum(t.numel() * t.element_size() for t in merged.values())
-        log(f"  wrote {shard} ({len(merged)} tensors)")
+        say(f"  wrote {shard} ({len(merged)} tensors)")
+        bar.update(1)
         del merged
+    bar.close()
     missing = sorted(set(scalings) - done)
     if missing:
         raise AdapterError(f"merge: adapted modules {missing[:3]} were not found in {base}'s checkpoint keys (this "
@@ -272,7 +277,9 @@ def measure_drift(adapter: Path, base: Path, merged: Path, files: AdapterFiles, 
 
 def merge_main(argv: list[str] | None = None) -> int:
     """`hf-lowrank merge ADAPTER --output DIR [--base PATH] [--dtype bfloat16]`."""
-    p = argparse.ArgumentParser(prog="hf-lowrank merge", description="Fold an adapter into its base and write a "
+    from .cli import ArgumentParser
+
+    p = ArgumentParser(prog="hf-lowrank merge", description="Fold an adapter into its base and write a "
                                 "standard model folder (no LoRA layers, no 4-bit weights), shard by shard.")
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("--output", required=True, help="folder for the merged model")
@@ -281,23 +288,43 @@ def merge_main(argv: list[str] | None = None) -> int:
                    help="dtype of the merged weights (default: the compute dtype for QLoRA adapters, else the base's)")
     p.add_argument("--revision", help="adapter revision when ADAPTER is a repo id")
     p.add_argument("--no-drift", action="store_true", help="skip loading both models to measure the drift")
+    p.add_argument("--overwrite", action="store_true", help="write into --output even when it is not empty")
     args = p.parse_args(argv)
+    from . import hook
+    from .cli import UsageError, report
+    from .hub import HubError
+
     try:
+        output = Path(args.output)
+        _check_output(output, args.overwrite)
         files = read_adapter(args.adapter, revision=args.revision)
+        name = args.base or files.base_model
+        if name:
+            hook.check_base(name, files.base_revision if name == files.base_model else None, files,
+                            given_as=f"--base {name!r}", fix="pass --base with the base model's folder or Hub id")
         base = resolve_base(files, args.base)
         dtype = _merge_dtype(args.dtype, files, base)
-        output = Path(args.output)
         print(f"merging {files.folder} into {base} -> {output} ({str(dtype).removeprefix('torch.')})")
-        merge_to_folder(files, base, output, dtype)
+        merge_to_folder(files, base, output, dtype, progress=True)
         if not args.no_drift:
             d = measure_drift(files.folder, base, output, files, dtype)
             print(f"drift (QLoRA model vs merged, {d['tokens']} tokens): max |Δlogits| = {d['max_abs']:.3e}, "
                   f"relative = {d['relative']:.3e}")
-    except AdapterError as e:
-        print(f"hf-lowrank merge: {e}", file=sys.stderr)
-        return 1
+    except (AdapterError, HubError, UsageError) as e:
+        return report("hf-lowrank merge", e)
     print(f"merged model written to {output}")
     return 0
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """`merge --output`: a new or empty folder, or any folder with `--overwrite` (same-named files are replaced)."""
+    from .cli import UsageError
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; give a folder for the merged model")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"--output {output} already exists and is not empty; choose a new folder, or pass "
+                         "--overwrite to write the merged model into it")
 
 
 def _merge_dtype(name: str | None, files: AdapterFiles, base: Path) -> torch.dtype:
@@ -411,13 +438,18 @@ def export_portable(files: AdapterFiles, out: Path) -> Path:
 
 def inspect_main(argv: list[str] | None = None) -> int:
     """`hf-lowrank inspect ADAPTER [--export-portable OUT]`."""
-    p = argparse.ArgumentParser(prog="hf-lowrank inspect", description="Describe an adapter and which runtimes "
+    from .cli import ArgumentParser
+
+    p = ArgumentParser(prog="hf-lowrank inspect", description="Describe an adapter and which runtimes "
                                 "accept it; optionally write a copy every single-alpha reader computes correctly.")
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("--revision", help="adapter revision when ADAPTER is a repo id")
     p.add_argument("--export-portable", metavar="OUT", help="write a copy with scalings folded into B: one r, "
                    "lora_alpha = r, no rsLoRA, no rank/alpha patterns")
     args = p.parse_args(argv)
+    from .cli import report
+    from .hub import HubError
+
     try:
         files = read_adapter(args.adapter, revision=args.revision, describe_only=True)
         print(describe(files))
@@ -425,7 +457,6 @@ def inspect_main(argv: list[str] | None = None) -> int:
             out = export_portable(files, Path(args.export_portable))
             print(f"portable copy written to {out} ({os.path.getsize(out / WEIGHTS_NAME):,} bytes): one r, "
                   f"lora_alpha = r, no rsLoRA, no patterns; read it with any {CONFIG_NAME} reader")
-    except AdapterError as e:
-        print(f"hf-lowrank inspect: {e}", file=sys.stderr)
-        return 1
+    except (AdapterError, HubError) as e:
+        return report("hf-lowrank inspect", e)
     return 0
