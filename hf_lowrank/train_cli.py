@@ -139,7 +139,11 @@ def parse(argv: list[str]) -> tuple[LowRankArguments, LowRankTrainingArguments]:
         args = LowRankTrainingArguments(**{f.name: values[f.name] for f in dataclasses.fields(LowRankTrainingArguments)
                                            if f.init})
     except ValueError as e:  # TrainingArguments' own checks (--bf16 on a CPU, conflicting strategies, ...)
-        raise UsageError(one_line(e)) from None
+        text = one_line(e)
+        if "support bf16/gpu" in text:
+            text = ("--bf16 needs a GPU with bf16 support; on a CPU leave it out (or add --use_cpu true for bf16 "
+                    f"autocast on the CPU). TrainingArguments says: {text}")
+        raise UsageError(text) from None
     if lr_args.model is not None and not lr_args.model.strip():
         raise UsageError("--model is empty; pass a model folder or a Hub id, or leave it out for the built-in model")
     return lr_args, args
@@ -254,7 +258,8 @@ def _load_dataset(data: str, text_field: str) -> list[str]:
     if not Path(data).is_dir():
         problem = source_problem(data, repo_type="dataset")
         if problem:
-            raise UsageError(f"--data {data}: no such file, and {data!r} {problem}")
+            problem = problem.replace("is not a folder here", "is neither a file nor a folder here", 1)
+            raise UsageError(f"--data {data} {problem}; pass a .txt / .json / .jsonl file or a `datasets` name")
     try:
         import datasets
     except ImportError:
