@@ -260,7 +260,8 @@ def copy_adapter(folder: Path, output: str | os.PathLike) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def source_problem(name: str, revision: str | None = None, *, repo_type: str = "model",
+def source_problem(name: str, revision: str | None = None, *, repo_type: str = "model", token: Any = None,
+                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                    timeout: float = 10.0) -> str | None:
     """Why `name` (a model or dataset folder, or Hub repo id) cannot be loaded here, as a clause that follows the name
     ("is not a folder here, ..."); None when it can: a folder, a repo in the local Hub cache when offline, or a repo
@@ -286,18 +287,23 @@ def source_problem(name: str, revision: str | None = None, *, repo_type: str = "
         looks_local = True
     if looks_local:
         return "is not a folder here (nor a Hub repo id)"
-    if _offline():
+    if _offline() or local_files_only:
         if repo_type == "model":
-            cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+            cached = isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir, revision=revision),
+                                str)
         else:
-            cached = (Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{name.replace('/', '--')}" / "snapshots").is_dir()
+            cache = Path(cache_dir or constants.HF_HUB_CACHE)
+            cached = (cache / f"{repo_type}s--{name.replace('/', '--')}" / "snapshots").is_dir()
         if cached:
             return None
-        return ("is not a folder here, and HF_HUB_OFFLINE=1 is set while the local Hub cache does not hold it "
-                "(download it once with network access, or unset HF_HUB_OFFLINE)")
+        why, undo = ("HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE") if _offline() else \
+            ("local_files_only=True", "drop local_files_only")
+        return (f"is not a folder here, and {why} while the local Hub cache does not hold it (download it once "
+                f"with network access, or {undo})")
     endpoint = _endpoint(None)
     try:
-        HfApi().repo_info(name, revision=revision, repo_type=repo_type, timeout=timeout)
+        HfApi(token=token if isinstance(token, str) else None).repo_info(name, revision=revision, repo_type=repo_type,
+                                                                          timeout=timeout)
     except RevisionNotFoundError:
         return f"is not a folder here, and repo {name!r} on {endpoint} has no revision {revision!r}"
     except RepositoryNotFoundError:
