@@ -400,13 +400,6 @@ def _size(n: int) -> str:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
-
-    from . import from_pretrained
-    from .data import build_default_base
-    from .state import WEIGHTS_NAME
-    from .trainer import LowRankCallback
-
     argv = list(sys.argv[1:] if argv is None else argv)
     lr_args, args = parse(argv)
     logging.basicConfig(format="%(message)s")
@@ -416,6 +409,13 @@ def train_main(argv: list[str] | None = None) -> int:
     builtin = lr_args.model is None
     model_path = None if builtin else check_model(lr_args.model)
     texts = load_texts(lr_args.data, lr_args.text_field)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer  # the Trainer's imports take seconds
+
+    from . import from_pretrained
+    from .data import build_default_base
+    from .state import WEIGHTS_NAME
+    from .trainer import LowRankCallback
     with _no_progress_bars(builtin):
         if builtin:
             model_path = str(build_default_base(out / "base-model"))
