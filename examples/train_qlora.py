@@ -42,7 +42,7 @@ def main():
 
     args = TrainingArguments(
         output_dir=cli.output_dir, max_steps=cli.max_steps, per_device_train_batch_size=4, learning_rate=3e-3,
-        logging_steps=10, save_steps=30, gradient_checkpointing=True, report_to="none",
+        logging_steps=10, save_steps=30, activation_checkpointing=True, report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=train)

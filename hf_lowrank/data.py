@@ -30,12 +30,13 @@ def build_tokenizer(vocab_size: int = 512, text: str | None = None):
 
 
 def build_default_base(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random Llama (4 blocks × 256, vocab 512) and its tokenizer to `folder` (once)."""
+    """Write a tiny random Llama (4 blocks × 256, vocab 512) and its tokenizer to `folder` (once); returns its
+    absolute path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = Path(folder)
-    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+    folder = Path(folder).expanduser().resolve()  # absolute: adapters trained on it record a base that resolves
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():  # from any folder
         return folder
     tokenizer = build_tokenizer(512)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,

@@ -13,7 +13,6 @@ inspect config, ranks, targets, size, base, and which runtimes read the adapter 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -167,7 +166,7 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
         done: set[str] = set()
         weight_map: dict[str, str] = {}
         total = 0
-        for i, shard in enumerate(_progress(shards, "merging shards")):
+        for i, shard in enumerate(_progress(shards, "merging")):
             try:
                 with safe_open(base / shard, framework="pt") as f:
                     tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
@@ -220,7 +219,7 @@ def _progress(items: list[str], desc: str):
         from tqdm.auto import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc=desc, unit="shard", disable=not sys.stderr.isatty() or len(items) < 2)
+    return tqdm(items, desc=desc, unit="shard", file=sys.stderr)
 
 
 def sample_input(vocab_size: int, length: int = 32) -> torch.Tensor:
@@ -255,33 +254,52 @@ def measure_drift(adapter: Path, base: Path, merged: Path, files: AdapterFiles, 
 
 def merge_main(argv: list[str] | None = None) -> int:
     """`hf-lowrank merge ADAPTER --output DIR [--base PATH] [--dtype bfloat16] [--overwrite]`."""
-    p = argparse.ArgumentParser(prog="hf-lowrank merge", description="Fold an adapter into its base and write a "
-                                "standard model folder (no LoRA layers, no 4-bit weights), shard by shard.")
+    from .commandline import ArgumentParser, UsageError, report
+    from .hub import HubError
+    from .loading import check_base
+
+    p = ArgumentParser(prog="hf-lowrank merge", description="Fold an adapter into its base and write a standard "
+                       "model folder (no LoRA layers, no 4-bit weights), shard by shard.")
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("--output", required=True, help="folder for the merged model")
     p.add_argument("--base", help="base model folder or repo id (default: the base recorded in the adapter)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="dtype of the merged weights (default: the compute dtype for QLoRA adapters, else the base's)")
     p.add_argument("--revision", help="adapter revision when ADAPTER is a repo id")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--no-drift", action="store_true", help="skip loading both models to measure the drift")
+    p.add_argument("--overwrite", action="store_true", help="replace --output when it exists and is not empty")
     args = p.parse_args(argv)
     try:
+        output = Path(args.output)
+        _check_output(output, args.overwrite)
         files = read(args.adapter, revision=args.revision)
+        name = args.base or files.base_model
+        if name:
+            check_base(name, files.base_revision if name == files.base_model else None, files,
+                       given_as=f"--base {name!r}", fix="pass --base with the base model's folder or Hub id")
         base = resolve_base(files, args.base)
         dtype = _merge_dtype(args.dtype, files, base)
-        output = Path(args.output)
         print(f"merging {files.folder} into {base} -> {output} ({str(dtype).removeprefix('torch.')})")
         merge_to_folder(files, base, output, dtype, overwrite=args.overwrite)
         if not args.no_drift:
             d = measure_drift(files.folder, base, output, files, dtype)
             print(f"drift (QLoRA model vs merged, {d['tokens']} tokens): max |Δlogits| = {d['max_abs']:.3e}, "
                   f"relative = {d['relative']:.3e}")
-    except AdapterError as e:
-        print(f"hf-lowrank merge: {e}", file=sys.stderr)
-        return 1
+    except (AdapterError, HubError, UsageError) as e:
+        return report("hf-lowrank merge", e)
     print(f"merged model written to {output}")
     return 0
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """`merge --output`: a new or empty folder, or an existing one with `--overwrite` (then replaced whole)."""
+    from .commandline import UsageError
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; give a folder for the merged model")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"--output {output} already exists and is not empty; choose a new folder, or pass "
+                         "--overwrite to replace it with the merged model")
 
 
 def _merge_dtype(name: str | None, files: AdapterFiles, base: Path) -> torch.dtype:
@@ -402,13 +420,18 @@ def export_portable(files: AdapterFiles, out: Path) -> Path:
 
 def inspect_main(argv: list[str] | None = None) -> int:
     """`hf-lowrank inspect ADAPTER [--export-portable OUT]`."""
-    p = argparse.ArgumentParser(prog="hf-lowrank inspect", description="Describe an adapter and which runtimes "
+    from .commandline import ArgumentParser
+
+    p = ArgumentParser(prog="hf-lowrank inspect", description="Describe an adapter and which runtimes "
                                 "accept it; optionally write a copy every single-alpha reader computes correctly.")
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("--revision", help="adapter revision when ADAPTER is a repo id")
     p.add_argument("--export-portable", metavar="OUT", help="write a copy with scalings folded into B: one r, "
                    "lora_alpha = r, no rsLoRA, no rank/alpha patterns")
     args = p.parse_args(argv)
+    from .commandline import report
+    from .hub import HubError
+
     try:
         files = read(args.adapter, revision=args.revision, describe_only=True)
         print(describe(files))
@@ -416,7 +439,6 @@ def inspect_main(argv: list[str] | None = None) -> int:
             out = export_portable(files, Path(args.export_portable))
             print(f"portable copy written to {out} ({os.path.getsize(out / WEIGHTS_NAME):,} bytes): one r, "
                   f"lora_alpha = r, no rsLoRA, no patterns; read it with any {CONFIG_NAME} reader")
-    except AdapterError as e:
-        print(f"hf-lowrank inspect: {e}", file=sys.stderr)
-        return 1
+    except (AdapterError, HubError) as e:
+        return report("hf-lowrank inspect", e)
     return 0

@@ -13,14 +13,12 @@ unreachable) becomes one `HubError` that names the repo and says what to do.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -347,12 +345,71 @@ def copy_adapter(folder: Path, output: str | os.PathLike) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def source_problem(name: str, revision: str | None = None, *, repo_type: str = "model", token: Any = None,
+                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                   timeout: float = 10.0) -> str | None:
+    """Why `name` (a model or dataset folder, or Hub repo id) cannot be loaded here, as a clause that follows the name
+    ("is not a folder here, ..."); None when it can: a folder, a repo in the local Hub cache when offline, or a repo
+    the Hub says exists.
+
+    One request without retries at most: `from_pretrained` would retry an unreachable Hub for tens of seconds before
+    saying so. Errors other than "unreachable", "no such repo / revision" are left for the download to report.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return "is a file, not a folder"
+    first = name.split("/")[0]
+    looks_local = name.startswith(("/", ".", "~")) or "\\" in name or (name.count("/") == 1 and Path(first).is_dir())
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        return "is not a folder here (nor a Hub repo id)"
+    if _offline() or local_files_only:
+        if repo_type == "model":
+            cached = isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir, revision=revision),
+                                str)
+        else:
+            cache = Path(cache_dir or constants.HF_HUB_CACHE)
+            cached = (cache / f"{repo_type}s--{name.replace('/', '--')}" / "snapshots").is_dir()
+        if cached:
+            return None
+        why, undo = ("HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE") if _offline() else \
+            ("local_files_only=True", "drop local_files_only")
+        return (f"is not a folder here, and {why} while the local Hub cache does not hold it (download it once "
+                f"with network access, or {undo})")
+    endpoint = _endpoint(None)
+    try:
+        HfApi(token=token if isinstance(token, str) else None).repo_info(name, revision=revision, repo_type=repo_type,
+                                                                          timeout=timeout)
+    except RevisionNotFoundError:
+        return f"is not a folder here, and repo {name!r} on {endpoint} has no revision {revision!r}"
+    except RepositoryNotFoundError:
+        return (f"is not a folder here, nor a {repo_type} repo on {endpoint} (for a private repo, set HF_TOKEN or run "
+                "`hf auth login`)")
+    except _transport_errors() as e:
+        return (f"is not a folder here, and {endpoint} is unreachable ({type(e).__name__}); check the network, proxy "
+                "and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local Hub cache")
+    except Exception:  # noqa: BLE001 - a gated repo, a rejected token...: the download explains those better
+        return None
+    return None
+
+
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 
 
 def push_main(argv: list[str] | None = None) -> int:
     """`hf-lowrank push DIR REPO [--private] [--revision BRANCH] [--message M] [--create-pr]`."""
-    p = argparse.ArgumentParser(prog="hf-lowrank push", description="Push an adapter folder (only its adapter files "
+    from .commandline import ArgumentParser, report
+
+    p = ArgumentParser(prog="hf-lowrank push", description="Push an adapter folder (only its adapter files "
                                 "and model card) to the Hugging Face Hub in one commit.")
     p.add_argument("folder", help="adapter folder (adapter_model.safetensors + adapter_config.json)")
     p.add_argument("repo_id", help="Hub repo, 'user/name' or 'org/name'; created when missing")
@@ -369,15 +426,16 @@ def push_main(argv: list[str] | None = None) -> int:
                             commit_message=args.message, token=args.token, create_pr=args.create_pr,
                             base_model=args.base_model)
     except (HubError, AdapterError, ValueError) as e:
-        print(f"hf-lowrank push: {e}", file=sys.stderr)
-        return 1
+        return report("hf-lowrank push", e)
     print(info.pr_url or info.commit_url)
     return 0
 
 
 def pull_main(argv: list[str] | None = None) -> int:
     """`hf-lowrank pull REPO [--revision R] [--output DIR]`: prints the folder holding the adapter."""
-    p = argparse.ArgumentParser(prog="hf-lowrank pull", description="Download an adapter's files from the Hugging "
+    from .commandline import ArgumentParser, report
+
+    p = ArgumentParser(prog="hf-lowrank pull", description="Download an adapter's files from the Hugging "
                                 "Face Hub (into the Hub cache, or a folder with --output).")
     p.add_argument("repo_id", help="Hub repo, 'user/name'")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
@@ -389,7 +447,6 @@ def pull_main(argv: list[str] | None = None) -> int:
         if args.output:
             folder = copy_adapter(folder, args.output)
     except HubError as e:
-        print(f"hf-lowrank pull: {e}", file=sys.stderr)
-        return 1
+        return report("hf-lowrank pull", e)
     print(folder)
     return 0

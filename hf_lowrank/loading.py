@@ -155,7 +155,21 @@ def load(model_cls: Any, adapter, *, revision: str | None = None, quantization: 
         raise AdapterError(f"{files.config_path}: base_model_name_or_path is empty; pass base='path/or/repo-id'.")
     if files.base_revision and "revision" not in hf_kwargs and base == files.base_model:
         hf_kwargs["revision"] = files.base_revision
+    check_base(base, hf_kwargs.get("revision"), files, given_as=f"base={base!r}",
+               fix="pass base='path/or/hub-id' (the base model's folder or Hub id)",
+               **{k: hf_kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in hf_kwargs})
     if cfg.quantization is None and "dtype" not in hf_kwargs and "torch_dtype" not in hf_kwargs:
         hf_kwargs["dtype"] = "auto"
     model = from_pretrained(model_cls, base, cfg, **hf_kwargs)
     return load_adapter(model, files)
+
+
+def check_base(base: str, revision: str | None, files: Any, *, given_as: str, fix: str, **hub: Any) -> None:
+    """Fail at once, naming the base and the fix, when `base` is neither a folder here nor a repo the Hub serves
+    (instead of `from_pretrained` retrying an unreachable Hub, or a traceback about a relative path)."""
+    from .hub import source_problem
+
+    problem = source_problem(base, revision, **hub)
+    if problem is not None:
+        where = f"the base model {base!r} recorded in {files.config_path}" if base == files.base_model else given_as
+        raise AdapterError(f"{where} {problem}; {fix}")

@@ -369,7 +369,7 @@ def test_cli_push_and_pull(online, nf4_adapter, tmp_path, capsys):
     missing = outputs / "never"
     assert main(["pull", "alice/cli", "--revision", "nope", "--output", str(missing)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("hf-lowrank pull: cannot pull 'alice/cli' at revision 'nope'") and err.count("\n") == 1
+    assert err.startswith("hf-lowrank pull: error: cannot pull 'alice/cli' at revision 'nope'") and err.count("\n") == 1
     assert not missing.exists() and sorted(p.name for p in outputs.iterdir()) == ["pulled"], "nothing half-written"
     assert main(["push", str(tmp_path / "no-such-dir"), "alice/cli"]) == 1
     assert "is not a folder" in capsys.readouterr().err
