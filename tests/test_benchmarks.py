@@ -87,3 +87,14 @@ def test_optimizer_step_compares_the_same_work():
     assert rows[0][2].strip() == "1.00"
     # four steps of the same AdamW from the same start: every implementation lands on the same parameters
     assert all(float(r[3]) < 1e-6 for r in rows), rows
+
+
+def test_dpo_benchmark_smoke_prints_every_row():
+    """The DPO comparison runs all three sides through TRL and prints each row with its target (values not
+    asserted: a smoke run measures nothing)."""
+    out = _run("dpo.py", "--smoke", timeout=600)
+    rows = [line for line in out.splitlines() if line.startswith("| DPO ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["DPO train step (peft-dpo)", "DPO peak RSS (peft-dpo)",
+                                                       "DPO peak RSS vs our SFT peak (ours-sft)"]
+    assert all("≤ 0.9" in r for r in rows[:2]) and "≤ 1.15" in rows[2]
+    assert "Last DPO loss: ours nan" not in out  # both sides really trained and logged a loss
