@@ -21,8 +21,8 @@ from .commandline import error_code, one_line, quiet
 
 COMMANDS = {
     "train": ("hf_lowrank.train_cli", "train LoRA / QLoRA with the Trainer (every TrainingArguments flag works)"),
-    "push": ("hf_lowrank.hub", "push an adapter folder to the Hugging Face Hub"),
-    "pull": ("hf_lowrank.hub", "download an adapter from the Hub"),
+    "push": ("hf_lowrank.hub_cli", "push an adapter folder to the Hugging Face Hub"),
+    "pull": ("hf_lowrank.hub_cli", "download an adapter from the Hub"),
     "merge": ("hf_lowrank.export", "fold an adapter into its base and write a standard 16-bit model folder"),
     "inspect": ("hf_lowrank.export", "describe an adapter and which runtimes accept it"),
     "doctor": ("hf_lowrank.doctor", "print the environment and refuse known-bad distributed setups"),

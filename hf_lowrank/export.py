@@ -39,6 +39,7 @@ from .format import (
     AdapterError,
     recorded_quantization,
 )
+from .layers import LORA_A, LORA_B
 from .loading import read
 from .merge import merge_state_dict
 from .state import AdapterFiles, check_adapter, write_adapter_files
@@ -147,7 +148,7 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
     lay = layout(files, base)
     scalings = {m: s for m, (_, s) in files.scalings().items()}
     saved = files.saved_tensors()
-    adapter = {**saved, **{f"{m}.lora_{w}.weight": t for m, ab in files.lora_tensors().items()
+    adapter = {**saved, **{f"{m}.{LORA_A if w == 'A' else LORA_B}": t for m, ab in files.lora_tensors().items()
                            for w, t in ab.items()}}
     known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved}
     # a QLoRA model was loaded with every float tensor in the compute dtype: reproduce that before folding
@@ -396,7 +397,7 @@ def portable(files: AdapterFiles) -> tuple[dict[str, torch.Tensor], dict[str, An
     r_max = max(r for r, _ in scalings.values())
     tensors = dict(files.tensors)
     for module, (r, s) in scalings.items():
-        ka, kb = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
+        ka, kb = f"{PREFIX}{module}.{LORA_A}", f"{PREFIX}{module}.{LORA_B}"
         a, b = files.tensors[ka], files.tensors[kb]
         b = (b.float() * s).to(b.dtype)
         if r < r_max:

@@ -47,7 +47,7 @@ from .format import (
     tensor_checksum,
 )
 from .inject import AdapterModules, adapter_modules, inject, mark_trainable, resolve_targets
-from .layers import layer_features
+from .layers import LORA_A, LORA_B, layer_features
 from .patterns import PatternError
 
 logger = logging.getLogger("hf_lowrank")
@@ -326,8 +326,8 @@ def expected_shapes(model: nn.Module, config: LowRankConfig,
         for name in targets:
             in_f, out_f = layer_features(model.get_submodule(name))
             r = config.rank_for(name)
-            shapes[f"{name}.lora_A.weight"] = (r, in_f)
-            shapes[f"{name}.lora_B.weight"] = (out_f, r)
+            shapes[f"{name}.{LORA_A}"] = (r, in_f)
+            shapes[f"{name}.{LORA_B}"] = (out_f, r)
     return shapes
 
 

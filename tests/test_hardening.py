@@ -306,8 +306,8 @@ def test_merge_failure_mid_way_leaves_no_partial_output(tiny_llama, tmp_path, ca
                        "--overwrite"]) == 1
     assert snapshot(out) == {"keep.txt": b"old merge"}
     assert not list(tmp_path.glob(".merged.*"))
-    assert merge_main([str(tmp_path / "adapter"), "--base", str(base), "--output", str(out), "--no-drift"]) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert merge_main([str(tmp_path / "adapter"), "--base", str(base), "--output", str(out), "--no-drift"]) == 2
+    assert "already exists" in capsys.readouterr().err  # a usage error: exit 2
 
 
 # ---- 5. patterns from a config match in bounded time ------------------------------------------------------------
@@ -463,7 +463,7 @@ def test_inspect_of_only_lora_b_and_merge_output_naming_a_file(llama_adapter, tm
     _, folder = llama_adapter
     target = tmp_path / "a-file"
     target.write_text("not a folder")
-    assert merge_main([str(folder), "--output", str(target), "--no-drift"]) == 1
+    assert merge_main([str(folder), "--output", str(target), "--no-drift"]) == 2  # a usage error
     assert "is a file" in capsys.readouterr().err and target.read_text() == "not a folder"
     rewrite(folder, lambda t: {k: v for k, v in t.items() if ".lora_A." not in k})
     assert inspect_main([str(folder)]) == 1

@@ -151,9 +151,16 @@ def test_training_arguments_record_explicit_fields():
 
 
 def test_every_patch_is_registered_with_a_reason_and_an_existing_test():
+    pytest.importorskip("trl")
+    import trl.trainer.dpo_trainer  # noqa: F401  (TRL's patches are installed when its trainer modules are imported)
+    import trl.trainer.grpo_trainer  # noqa: F401
+    import trl.trainer.kto_trainer  # noqa: F401
+    import trl.trainer.rloo_trainer  # noqa: F401
+
     hf_lowrank.enable(r=4)
     assert set(registry.installed()) == set(registry.PATCHES)
-    assert len(registry.PATCHES) == 12
+    groups = [p.group for p in registry.PATCHES.values()]
+    assert (groups.count("trainer"), groups.count("hook"), len(groups)) == (9, 3, 21)
     for target, patch in registry.PATCHES.items():
         assert len(patch.why) > 60, target
         path, _, name = patch.test.partition("::")
@@ -170,15 +177,19 @@ def test_uninstall_restores_the_original_attributes():
     hf_lowrank.disable()
     registry.uninstall()
     originals = {t: inspect.getattr_static(*p.resolve()) for t, p in registry.PATCHES.items()}
-    assert "__new__" not in TrainingArguments.__dict__
+    assert "_hf_lowrank_explicit" not in TrainingArguments(output_dir="x", report_to=[]).__dict__
     hf_lowrank.enable(r=4)
     assert T.__init__ is not originals["transformers:Trainer.__init__"]
-    assert "__new__" in TrainingArguments.__dict__
+    assert "_hf_lowrank_explicit" in TrainingArguments(output_dir="x", report_to=[]).__dict__
     registry.uninstall()
     assert registry.installed() == []
     for target, patch in registry.PATCHES.items():
+        if target.endswith("TrainingArguments.__new__"):
+            continue
         assert inspect.getattr_static(*patch.resolve()) is originals[target], target
-    assert "__new__" not in TrainingArguments.__dict__  # inherited before: deleted again
+    # inherited before: CPython cannot take a class's own __new__ back, so a pass-through equivalent replaces ours
+    args = TrainingArguments(output_dir="x", optim="adamw_torch", report_to=[])
+    assert args.optim.value == "adamw_torch" and "_hf_lowrank_explicit" not in args.__dict__
     assert PreTrainedModel.from_pretrained.__func__ is originals[
         "transformers:PreTrainedModel.from_pretrained"].__func__
     assert trainer_module.deepspeed_load_checkpoint is originals["transformers.trainer:deepspeed_load_checkpoint"]

@@ -6,7 +6,8 @@ A patch is registered once, where it is implemented, with what it replaces, why,
     def _wrap_load_best_model(original): ...     # gets what the attribute held, returns what replaces it
 
 `install(group)` applies a group's patches once (idempotent); nothing is applied at import. `uninstall()` puts
-back exactly what was there (an attribute that the class only inherited is deleted again). Every replacement is a
+back exactly what was there (an attribute that the class only inherited is deleted again; an inherited `__new__`
+gets its pass-through equivalent, since CPython cannot take a class's own `__new__` back). Every replacement is a
 strict no-op for models that are not hf_lowrank's. `PATCHES` lists them all (the README's table comes from it).
 """
 
@@ -82,10 +83,19 @@ def uninstall(group: str | None = None, target: str | None = None) -> None:
         if (group is not None and PATCHES[name].group != group) or (target is not None and name != target):
             continue
         owner, attr, own = _applied.pop(name)
-        if own is _MISSING:
+        if own is _MISSING and attr == "__new__":
+            # CPython keeps a class's `__new__` slot once one was set: after `del`, object.__new__ would refuse the
+            # constructor's arguments. The equivalent of the inherited one is put back instead.
+            setattr(owner, attr, staticmethod(_inherited_new))
+        elif own is _MISSING:
             delattr(owner, attr)
         else:
             setattr(owner, attr, own)
+
+
+def _inherited_new(cls, *args, **kwargs):
+    """object.__new__ as a class without its own `__new__` gets it: the arguments go to `__init__`."""
+    return object.__new__(cls)
 
 
 def installed() -> list[str]:
