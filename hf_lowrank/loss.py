@@ -76,6 +76,7 @@ within 1e-5 relative (max |Δ| / max |ref|); bf16 within 1e-3 on the loss and 2e
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import logging
 import textwrap
@@ -334,6 +335,8 @@ class _Plan:
     decoder_name: str
     head_name: str
     softcap_attr: bool  # the forward soft-caps with config.final_logit_softcapping
+    cast_hidden: bool  # the forward casts the hidden states to the head's dtype (Mamba-style)
+    router_aux: bool  # the forward adds a router loss when output_router_logits (then the stock path is taken)
 
 
 def _output_head(model: nn.Module):
@@ -376,30 +379,44 @@ def _child_name(model: nn.Module, module: nn.Module) -> str | None:
     return next((n for n, m in model.named_children() if m is module), None)
 
 
-def _softcap_block(node: ast.AST, parents: dict) -> bool:
+def _inside_if(node: ast.AST, parents: dict, word: str) -> bool:
+    """Whether `node` sits in an `if` whose test mentions `word`."""
     while node in parents:
         node = parents[node]
-        if isinstance(node, ast.If) and "final_logit_softcapping" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and word in ast.unparse(node.test):
             return True
     return False
 
 
-def _forward_plan(model: nn.Module, decoder_name: str, head_name: str) -> _Plan | str:
+_NO_OP_METHODS = ("float", "contiguous")
+
+
+def _strip_no_ops(value: ast.AST) -> ast.AST:
+    """`x.float().contiguous()` -> `x`."""
+    while (isinstance(value, ast.Call) and not value.args and not value.keywords
+           and isinstance(value.func, ast.Attribute) and value.func.attr in _NO_OP_METHODS):
+        value = value.func.value
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_plan(cls: type, decoder_name: str, head_name: str) -> _Plan | str:
     """Read the class's forward (ast): what it does between the decoder and the loss must be what we replicate."""
-    fn = inspect.unwrap(type(model).forward)
+    name = cls.__name__
+    fn = inspect.unwrap(cls.forward)
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
-        return f"{type(model).__name__}.forward's source is not readable"
+        return f"{name}.forward's source is not readable"
     func = tree.body[0]
     parents = {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
 
-    def self_call(call: ast.AST, name: str) -> bool:
+    def self_call(call: ast.AST, attr: str) -> bool:
         f = getattr(call, "func", None)
-        return (isinstance(call, ast.Call) and isinstance(f, ast.Attribute) and f.attr == name
+        return (isinstance(call, ast.Call) and isinstance(f, ast.Attribute) and f.attr == attr
                 and isinstance(f.value, ast.Name) and f.value.id == "self")
 
-    calls_decoder = head_assigned = softcap = False
+    calls_decoder = head_assigned = softcap = cast_hidden = router_aux = False
     for node in ast.walk(func):
         if self_call(node, decoder_name):
             calls_decoder = True
@@ -408,26 +425,39 @@ def _forward_plan(model: nn.Module, decoder_name: str, head_name: str) -> _Plan 
         names = {t.id for t in targets if isinstance(t, ast.Name)}
         line = ast.unparse(node).splitlines()[0] if names else ""
         if "logits" in names:
-            value = node.value
-            if isinstance(node, ast.Assign) and self_call(value, head_name) and not head_assigned:
+            value = _strip_no_ops(node.value) if isinstance(node, ast.Assign) else None
+            if value is not None and self_call(value, head_name) and not head_assigned and len(value.args) == 1 \
+                    and not value.keywords:
+                arg = ast.unparse(value.args[0])
                 head_assigned = True
-            elif isinstance(node, ast.Assign) and ast.unparse(value) in ("logits.float()", "logits.contiguous()"):
-                pass
-            elif _softcap_block(node, parents):
+                if ".to(" in arg and arg.endswith(f"self.{head_name}.weight.dtype)"):
+                    cast_hidden = True
+                elif not isinstance(value.args[0], (ast.Name, ast.Subscript)):
+                    return f"{name}.forward feeds the head something else than the hidden states: `{line}`"
+            elif value is not None and ast.unparse(value) == "logits":
+                pass  # logits = logits.float() / .contiguous()
+            elif _inside_if(node, parents, "final_logit_softcapping"):
                 softcap = True
             else:
-                return f"{type(model).__name__}.forward changes the logits: `{line}`"
+                return f"{name}.forward changes the logits: `{line}`"
         if "loss" in names:
             value = node.value
             ok = isinstance(node, ast.Assign) and (
                 (isinstance(value, ast.Constant) and value.value is None) or self_call(value, "loss_function"))
+            if not ok and _inside_if(node, parents, "output_router_logits"):
+                ok = router_aux = True
             if not ok:
-                return f"{type(model).__name__}.forward computes its own loss: `{line}`"
+                return f"{name}.forward computes its own loss: `{line}`"
     if not calls_decoder:
-        return f"{type(model).__name__}.forward does not call self.{decoder_name}"
+        return f"{name}.forward does not call self.{decoder_name}"
     if not head_assigned:
-        return f"{type(model).__name__}.forward does not compute logits = self.{head_name}(…)"
-    return _Plan(decoder_name, head_name, softcap)
+        return f"{name}.forward does not compute logits = self.{head_name}(…)"
+    return _Plan(decoder_name, head_name, softcap, cast_hidden, router_aux)
+
+
+def _router_logits_on(model: nn.Module, kwargs: dict) -> bool:
+    value = kwargs.get("output_router_logits")
+    return bool(getattr(model.config, "output_router_logits", False) if value is None else value)
 
 
 def _plan(model: nn.Module) -> _Plan | str:
@@ -454,7 +484,7 @@ def _plan(model: nn.Module) -> _Plan | str:
         return "transformers' ForCausalLMLoss is not importable"
     if getattr(model, "loss_function", None) is not ForCausalLMLoss:
         return f"the loss is not transformers' ForCausalLMLoss (loss_type={getattr(model, 'loss_type', None)!r})"
-    return _forward_plan(model, decoder_name, head_name)
+    return _forward_plan(type(model), decoder_name, head_name)
 
 
 def fused_lm_supported(model: nn.Module) -> bool | str:
@@ -491,6 +521,8 @@ def fused_causal_lm_forward(model: nn.Module, input_ids=None, attention_mask=Non
     plan = _plan(model)
     if isinstance(plan, str):
         raise ValueError(f"this model cannot take the fused path: {plan}")
+    if plan.router_aux and _router_logits_on(model, kwargs):
+        raise ValueError("output_router_logits is on: the model adds its router loss, which the fused path does not")
     if softcap == "config":
         softcap = _softcap_of(model) if plan.softcap_attr else None
     decoder = getattr(model, plan.decoder_name)
@@ -499,6 +531,8 @@ def fused_causal_lm_forward(model: nn.Module, input_ids=None, attention_mask=Non
     head = getattr(model, plan.head_name)
     base = head.base_layer if _is_adapter(head) else head
     weight, bias = _full(base.weight), _full(base.bias)
+    if plan.cast_hidden:
+        hidden = hidden.to(weight.dtype)
     low_rank = None
     if _is_adapter(head) and not head.disabled and not head.merged:
         hidden = hidden.to(weight.device)
@@ -570,7 +604,7 @@ def enable_fused_loss(model: nn.Module, chunk_size: int | None = None, recompute
             except TypeError:
                 return stock(*args, **kwargs)
         if (not self.training or kwargs.get("labels") is None or kwargs.get("fused_lm_head")
-                or kwargs.get("logits_to_keep") not in (None, 0) or _partitioned(self)):
+                or kwargs.get("logits_to_keep") not in (None, 0) or not _fusable_now(self, st, kwargs)):
             return stock(**kwargs)
         kwargs.pop("fused_lm_head", None)
         return fused_causal_lm_forward(self, chunk_size=st.chunk_size, recompute=st.recompute, **kwargs)
@@ -614,15 +648,23 @@ def _as_kwargs(signature: inspect.Signature, args, kwargs) -> dict:
     return out
 
 
-def _partitioned(model: nn.Module) -> bool:
-    """DeepSpeed ZeRO-3 keeps the head's weight partitioned outside the head's own call: use the stock path."""
-    head = _output_head(model)
-    base = head.base_layer if head is not None and _is_adapter(head) else head
-    w = getattr(base, "weight", None)
-    if w is None or not (hasattr(w, "ds_id") or w.numel() == 0):
+def _fusable_now(model: nn.Module, st: _State, kwargs: dict) -> bool:
+    """Checks that can change after enable_fused_loss: the head (swapped, adapted, partitioned), router losses."""
+    plan = _plan(model)
+    if isinstance(plan, str):
+        _warn_once(st, f"hf_lowrank: {plan}; using the stock loss path")
         return False
-    st = model.__dict__.get(_ATTR)
-    if st is not None and not st.warned:
-        st.warned = True
-        logger.warning("hf_lowrank: the output head is partitioned (DeepSpeed ZeRO-3); using the stock loss path")
+    if plan.router_aux and _router_logits_on(model, kwargs):
+        return False  # the stock forward adds the router loss
+    head = getattr(model, plan.head_name)
+    w = getattr(head.base_layer if _is_adapter(head) else head, "weight", None)
+    if hasattr(w, "ds_id") or w.numel() == 0:
+        _warn_once(st, "hf_lowrank: the output head is partitioned (DeepSpeed ZeRO-3); using the stock loss path")
+        return False
     return True
+
+
+def _warn_once(st: _State, message: str) -> None:
+    if not st.warned:
+        st.warned = True
+        logger.warning(message)
