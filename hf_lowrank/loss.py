@@ -55,8 +55,13 @@ softcap=None, chunk_size=None, low_rank=None, recompute=False) -> loss``
     ``model_accepts_loss_kwargs`` still sees ``**kwargs`` and passes ``num_items_in_batch``; ``generate`` validates
     against it too) and has no ``__wrapped__`` (so accelerate's ``unwrap_model`` keeps it). Calls with TRL's
     ``fused_lm_head=True`` go to the forward underneath (TRL's own chunked head, see below). Returns the summary
-    line: ``"fused linear+cross-entropy (chunks of N tokens)"`` or ``"stock (<reason>)"``; calling it again
-    updates the settings. ``disable_fused_loss`` restores the original forward.
+    line: ``"fused linear+cross-entropy (chunks of N tokens, …)"`` or ``"stock (<reason>)"``; calling it again
+    updates the settings. ``disable_fused_loss`` restores the original forward (or, when something has wrapped ours
+    since, leaves ours underneath passing everything through). Everything per instance lives in the model's
+    ``__dict__``, so ``copy.deepcopy(model)`` (TRL's reference models) gives a copy that runs its own weights; a
+    model with the wrapper cannot be pickled whole (``torch.save(model)``; ``save_pretrained`` is unaffected).
+    Checked on every call, so a head swapped or partitioned later (DeepSpeed ZeRO-3) falls back to the stock path
+    with one warning; a MoE model called with ``output_router_logits`` takes the stock path (its router loss).
 
 Wiring (for the Trainer integration)
 ------------------------------------
@@ -565,11 +570,12 @@ def _full(t):
 
 @dataclass
 class _State:
-    stock: object  # the forward underneath (a bound method)
+    stock: object  # the forward underneath (a bound method; deepcopy rebinds it to the copy)
     wrapper: object  # our bound method, as installed
     chunk_size: int | None
     recompute: bool
     signature: inspect.Signature
+    enabled: bool = True
     warned: bool = False
 
 
@@ -589,23 +595,27 @@ def enable_fused_loss(model: nn.Module, chunk_size: int | None = None, recompute
         return f"stock ({reason})"
     state = model.__dict__.get(_ATTR)
     if state is not None:
-        state.chunk_size, state.recompute = chunk_size, recompute
+        state.chunk_size, state.recompute, state.enabled = chunk_size, recompute, True
         return _description(model, state)
     stock = model.forward
     signature = inspect.signature(stock)
 
     def forward(self, *args, **kwargs):
+        # Everything per instance comes from self's state (not from this closure), so copy.deepcopy(model) gives a
+        # copy whose forward runs the copy.
         st = self.__dict__.get(_ATTR)
         if st is None:
-            return stock(*args, **kwargs)
+            return type(self).forward(self, *args, **kwargs)
+        if not st.enabled:
+            return st.stock(*args, **kwargs)
         if args:
             try:
                 kwargs = _as_kwargs(st.signature, args, kwargs)
             except TypeError:
-                return stock(*args, **kwargs)
+                return st.stock(*args, **kwargs)
         if (not self.training or kwargs.get("labels") is None or kwargs.get("fused_lm_head")
                 or kwargs.get("logits_to_keep") not in (None, 0) or not _fusable_now(self, st, kwargs)):
-            return stock(**kwargs)
+            return st.stock(**kwargs)
         kwargs.pop("fused_lm_head", None)
         return fused_causal_lm_forward(self, chunk_size=st.chunk_size, recompute=st.recompute, **kwargs)
 
@@ -621,16 +631,20 @@ def enable_fused_loss(model: nn.Module, chunk_size: int | None = None, recompute
 
 
 def disable_fused_loss(model: nn.Module) -> None:
-    """Back to the stock forward (also when something wrapped ours since: ours then passes every call through)."""
-    state = model.__dict__.pop(_ATTR, None)
+    """Back to the stock forward. When something has wrapped ours since (TRL, accelerate), ours stays underneath
+    it and passes every call through."""
+    state = model.__dict__.get(_ATTR)
     if state is None:
         return
-    if model.__dict__.get("forward") is state.wrapper:
-        if getattr(state.stock, "__self__", None) is model and getattr(state.stock, "__func__", None) is getattr(
-                type(model), "forward", None):
-            del model.__dict__["forward"]  # the class's own forward again
-        else:
-            model.forward = state.stock
+    if model.__dict__.get("forward") is not state.wrapper:
+        state.enabled = False
+        return
+    del model.__dict__[_ATTR]
+    if getattr(state.stock, "__self__", None) is model and getattr(state.stock, "__func__", None) is getattr(
+            type(model), "forward", None):
+        del model.__dict__["forward"]  # the class's own forward again
+    else:
+        model.forward = state.stock
 
 
 def _as_kwargs(signature: inspect.Signature, args, kwargs) -> dict:

@@ -325,6 +325,25 @@ def test_wrapper_keeps_signature_eval_generate_and_survives_accelerate(tiny_llam
     disable_fused_loss(unwrapped)
 
 
+def test_deepcopy_runs_the_copy(tiny_llama):
+    """TRL's reference models are deep copies: the copy's wrapper must run the copy's weights, fused and stock."""
+    import copy
+
+    model = _load(tiny_llama)
+    enable_fused_loss(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.lm_head.weight.zero_()
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        assert abs(clone(input_ids=ids, labels=ids).loss.item() - torch.log(torch.tensor(256.0)).item()) < 1e-5
+        assert model(input_ids=ids, labels=ids).loss.item() > 0
+        assert clone.eval()(input_ids=ids).logits.abs().max() == 0
+        assert model.eval()(input_ids=ids).logits.abs().max() > 0
+    disable_fused_loss(clone)
+    assert "forward" not in clone.__dict__ and model.forward.__name__ == "forward" and "forward" in model.__dict__
+
+
 # ---- the Trainer and TRL -------------------------------------------------------------------------------------------
 
 
