@@ -73,6 +73,24 @@ def test_function_matches_for_causal_lm_loss(dtype, recompute, softcap, nib, bia
         assert rel(got, want) <= tol["grad"]
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_function_under_autocast(recompute):
+    """Under torch.autocast (Trainer(bf16=True)) the head's matmul runs in bf16 as the stock head's would; the
+    gradients come back in the fp32 inputs' dtype."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 17, 64, generator=g, requires_grad=True)
+    w = (torch.randn(128, 64, generator=g) * 0.2).requires_grad_()
+    labels = torch.randint(0, 128, (2, 17), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _stock_loss(h, w, labels)
+        loss = linear_cross_entropy(h, w, labels, chunk_size=8, recompute=recompute)
+    ref_grads = torch.autograd.grad(ref, [h, w])
+    grads = torch.autograd.grad(loss, [h, w])
+    assert rel(loss, ref) <= BF16["loss"]
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == torch.float32 and rel(got, want) <= BF16["grad"]
+
+
 def test_function_shift_labels_low_rank_and_errors():
     g = torch.Generator().manual_seed(1)
     N, H, V, r = 40, 32, 96, 4
