@@ -184,54 +184,74 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 class _Chunks:
     """Per-chunk logits, loss and logits gradient, shared by the forward and the recomputing backward. Everything
-    runs outside autocast, with the operands already in the compute dtype (what autocast would have given the head)."""
+    runs outside autocast, with the operands already in the compute dtype (what autocast would have given the head).
 
-    def __init__(self, h, weight, bias, u, w2, opts: _Opts):
+    Two (chunk, vocab) buffers are allocated once per call and reused by every chunk: the logits / their gradient
+    in the compute dtype, and the fp32 logits / softmax (plus tanh's for a soft-cap). On CPU a fresh tensor of that
+    size is a fresh mmap, and its page faults cost more than the arithmetic.
+    """
+
+    def __init__(self, h, weight, bias, u, w2, opts: _Opts, rows: int):
         dt = opts.dtype
         self.h, self.u, self.softcap, self.dtype = h, u, opts.softcap, dt
         self.weight = weight.to(dt)  # no copy unless autocast lowers an fp32 head (as autocast does)
         self.bias = None if bias is None else bias.to(dt)
         self.w2 = None if w2 is None else w2.to(dt)
+        c, vocab, dev = min(opts.chunk, max(rows, 1)), weight.shape[0], weight.device
+        self.zbuf = torch.empty(c, vocab, dtype=dt, device=dev)
+        self.fbuf = self.zbuf if dt == torch.float32 else torch.empty(c, vocab, dtype=torch.float32, device=dev)
+        self.tbuf = torch.empty(c, vocab, dtype=torch.float32, device=dev) if opts.softcap else None
 
     def logits(self, r: torch.Tensor):
         """(x, u_c, z): the chunk's inputs and its logits in the compute dtype (the head's own F.linear)."""
         x = self.h.index_select(0, r).to(self.dtype)  # (c, H)
-        z = F.linear(x, self.weight, self.bias)  # (c, H) -> (c, V)
+        z = self.zbuf[:r.numel()]
+        if self.bias is None:
+            torch.mm(x, self.weight.t(), out=z)  # (c, H) @ (H, V)
+        else:
+            torch.addmm(self.bias, x, self.weight.t(), out=z)
         uc = None
         if self.u is not None:
             uc = self.u.index_select(0, r).to(self.dtype)  # (c, r)
-            z = torch.addmm(z, uc, self.w2.t())  # + u·W2ᵀ, where the adapter's addmm adds it
+            z.addmm_(uc, self.w2.t())  # + u·W2ᵀ, where the adapter's addmm adds it
         return x, uc, z
 
-    def capped(self, z: torch.Tensor):
-        """(fp32 logits after the soft-cap, tanh(z/cap) or None)."""
-        zf = z.float()
-        if self.softcap is None:
-            return zf, None
-        t = torch.tanh(zf / self.softcap)
-        return t * self.softcap, t
-
     def loss_and_grad(self, r, y, scale, want_grad: bool, lse=None):
-        """(Σ loss over the chunk, lse, dz in the compute dtype or None, x, u_c)."""
+        """(Σ loss over the chunk, lse, dz in the compute dtype or None, x, u_c).
+
+        The fp32 logits are shifted, exponentiated, summed and turned into dz = (e − Σe·onehot)·(scale/Σe) in place,
+        then cast into z's buffer (same-dtype in-place ops: on CPU a mixed-dtype `out=` is ~20× slower than them).
+        """
         x, uc, z = self.logits(r)
-        zf, t = self.capped(z)
-        target = zf.gather(1, y.unsqueeze(1)).squeeze(1)
+        n = z.shape[0]
+        f = self.fbuf[:n]
+        if f is not z:
+            f.copy_(z)
+        t = None
+        if self.softcap is None:
+            target = f.gather(1, y.unsqueeze(1)).squeeze(1)
+            shift = f.amax(1, keepdim=True) if lse is None else lse.unsqueeze(1)
+            e = f.sub_(shift)
+        else:  # fp32: z ← cap·tanh(z / cap), keeping tanh for the gradient
+            t = torch.tanh(f.div_(self.softcap), out=self.tbuf[:n])
+            f.copy_(t).mul_(self.softcap)
+            target = f.gather(1, y.unsqueeze(1)).squeeze(1)
+            shift = f.amax(1, keepdim=True) if lse is None else lse.unsqueeze(1)
+            e = f.sub_(shift)
+        e.exp_()  # (c, V) fp32: exp(z − max), or the softmax itself when shifted by the saved logsumexp
         if lse is None:
-            m = zf.amax(1, keepdim=True)
-            e = (zf - m).exp_()  # (c, V) fp32
             s = e.sum(1, keepdim=True)
-            lse = (m + s.log()).squeeze(1)
-        else:  # the backward's recompute: softmax straight from the saved logsumexp
-            e, s = (zf - lse.unsqueeze(1)).exp_(), None
+            lse = (shift + s.log()).squeeze(1)
+        else:
+            s = torch.ones_like(shift)
         total = (lse - target).sum()
         if not want_grad:
             return total, lse, None, x, uc
-        p = e if s is None else e.div_(s)  # softmax, in place
-        p.scatter_add_(1, y.unsqueeze(1), torch.full_like(target, -1.0).unsqueeze(1))  # − onehot(label)
-        p.mul_(scale)
+        e.scatter_add_(1, y.unsqueeze(1), -s)  # e − Σe·onehot(label) = Σe·(softmax − onehot)
+        e.mul_(scale / s)
         if t is not None:
-            p.mul_(t.square_().neg_().add_(1))  # d cap·tanh(z/cap) / dz = 1 − tanh²
-        return total, lse, p.to(z.dtype), x, uc
+            e.mul_(t.square_().neg_().add_(1))  # d cap·tanh(z/cap) / dz = 1 − tanh²
+        return total, lse, z if e is z else z.copy_(e), x, uc
 
     def grads_into(self, dz, r, x, uc, g: _Grads) -> None:
         """Scatter one chunk's input gradients into g.h / g.u, accumulate the weight gradients (fp32)."""
@@ -295,7 +315,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=weight.device)
         lses = []
         with torch.autocast(weight.device.type, enabled=False):
-            chunks = _Chunks(h, weight, bias, u, w2, opts)
+            chunks = _Chunks(h, weight, bias, u, w2, opts, rows.numel())
             grads = _Grads.zeros(h, weight, bias, u, w2, opts.needs if in_forward else (False,) * 5)
             for start in range(0, rows.numel(), opts.chunk):
                 r, y = rows[start:start + opts.chunk], targets[start:start + opts.chunk]
@@ -323,7 +343,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, weight, bias, u, w2, rows, targets, denom, lse_all = ctx.saved_tensors
         scale = g.to(torch.float32) / denom
         with torch.autocast(weight.device.type, enabled=False):
-            chunks = _Chunks(h, weight, bias, u, w2, opts)
+            chunks = _Chunks(h, weight, bias, u, w2, opts, rows.numel())
             grads = _Grads.zeros(h, weight, bias, u, w2, opts.needs)
             for start in range(0, rows.numel(), opts.chunk):
                 r, y = rows[start:start + opts.chunk], targets[start:start + opts.chunk]

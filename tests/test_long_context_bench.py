@@ -20,7 +20,7 @@ def _run(*args: str, timeout: int = 400) -> str:
 
 def test_long_context_quick_prints_every_cell():
     out = _run("benchmarks/long_context.py", "--quick")
-    assert "ours' loss path: fused linear+cross-entropy" in out
+    assert "Ours' loss path: vocab 512: fused linear+cross-entropy" in out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 512 | 1 × ")]
     assert [r[1].strip() for r in rows] == ["1 × 32", "1 × 64"]
     for r in rows:
