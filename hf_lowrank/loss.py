@@ -47,7 +47,8 @@ softcap=None, chunk_size=None, low_rank=None, recompute=False) -> loss``
     then ``linear_cross_entropy`` over its last hidden state; honours ``shift_labels`` (padding-free collators) and
     ``ignore_index``. Returns ``CausalLMOutputWithPast(loss=…, logits=None, …)``: **no logits**.
 
-``enable_fused_loss(model, chunk_size=None, recompute=False) -> str`` / ``disable_fused_loss(model) -> None``
+``enable_fused_loss(model, chunk_size=None, recompute=False) -> str`` / ``disable_fused_loss(model) -> None`` /
+``fused_loss_status(model) -> str`` (the same summary line for a model as it is now)
     Installs an instance-level ``model.forward`` (no class is patched) that takes the fused path only when
     ``model.training`` and ``labels`` are given; evaluation, generation and label-less calls (TRL's or the Trainer's
     own losses, label smoothing, ``compute_loss_func``) run the original forward unchanged. The wrapper keeps the
@@ -65,13 +66,17 @@ softcap=None, chunk_size=None, low_rank=None, recompute=False) -> loss``
 
 Wiring (for the Trainer integration)
 ------------------------------------
-Call ``enable_fused_loss(model)`` once the model is built and injected (e.g. at the end of ``from_pretrained`` /
-``inject`` for causal LMs, or in ``LowRankCallback.on_train_begin``), and print the string it returns in the
-training summary (``loss : fused linear+cross-entropy (chunks of 128 tokens)``). TRL 1.16's ``SFTTrainer`` needs
-no more: it installs its own chunked head (``trl.trainer.utils.add_fused_lm_head``) on top of whatever forward the
-model has and calls ``model(..., fused_lm_head=True)``, which computes loss, entropy and token accuracy per chunk
-without logits either; that call passes through this wrapper untouched (and its label-less calls, for label
-smoothing or ``compute_loss_func``, get the stock logits).
+Call ``enable_fused_loss(model)`` once the model is built and injected, before ``Trainer(...)`` wraps it: at the end
+of ``inject()`` / ``from_pretrained()`` (it is a no-op returning ``"stock (<reason>)"`` for anything but a supported
+causal LM, so it can be called unconditionally), and in ``LowRankCallback.on_init_end`` for models injected
+elsewhere (not ``on_train_begin``: by then accelerate has wrapped ``model.forward`` in autocast under
+``bf16=True``, and a wrapper installed on top of that would run the fused path outside autocast). Print
+``fused_loss_status(model)`` in the training summary (``loss path : fused linear+cross-entropy (chunks of 128
+tokens, …)``). TRL 1.16's ``SFTTrainer`` needs no more: it installs its own chunked head
+(``trl.trainer.utils.add_fused_lm_head``) on top of whatever forward the model has and calls
+``model(..., fused_lm_head=True)``, which computes loss, entropy and token accuracy per chunk without logits
+either; that call passes through this wrapper untouched, whichever was installed first (and its label-less calls,
+for label smoothing or ``compute_loss_func``, get the stock logits).
 
 Tolerances (tests/test_loss.py): against the stock ``model(input_ids, labels=…)``, fp32 loss and every gradient
 within 1e-5 relative (max |Δ| / max |ref|); bf16 within 1e-3 on the loss and 2e-2 on each gradient (bf16 rounds at
@@ -99,6 +104,7 @@ __all__ = [
     "disable_fused_loss",
     "enable_fused_loss",
     "fused_causal_lm_forward",
+    "fused_loss_status",
     "fused_lm_supported",
     "linear_cross_entropy",
 ]
@@ -648,6 +654,15 @@ def enable_fused_loss(model: nn.Module, chunk_size: int | None = None, recompute
     model.__dict__[_ATTR] = _State(stock, bound, chunk_size, recompute, signature)
     model.forward = bound
     return _description(model, model.__dict__[_ATTR])
+
+
+def fused_loss_status(model: nn.Module) -> str:
+    """The summary line for a model as it is now: what `enable_fused_loss` returned, or why the path is stock."""
+    state = model.__dict__.get(_ATTR)
+    if state is not None and state.enabled:
+        return _description(model, state)
+    reason = fused_lm_supported(model)
+    return "stock (fused loss not enabled)" if reason is True else f"stock ({reason})"
 
 
 def disable_fused_loss(model: nn.Module) -> None:

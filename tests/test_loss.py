@@ -22,6 +22,7 @@ from hf_lowrank.loss import (
     enable_fused_loss,
     fused_causal_lm_forward,
     fused_lm_supported,
+    fused_loss_status,
     linear_cross_entropy,
 )
 from tests.conftest import randomize_b, save_tiny, tokens
@@ -290,7 +291,7 @@ def test_unsupported_models_keep_the_stock_path(tmp_path, tiny_bert):
                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=128))
     reason = fused_lm_supported(cohere)
     assert isinstance(reason, str) and "logit_scale" in reason
-    assert enable_fused_loss(cohere) == f"stock ({reason})"
+    assert enable_fused_loss(cohere) == f"stock ({reason})" == fused_loss_status(cohere)
     assert "forward" not in cohere.__dict__
     from transformers import AutoModelForMaskedLM
 
@@ -318,7 +319,9 @@ def test_wrapper_keeps_signature_eval_generate_and_survives_accelerate(tiny_llam
     model = _load(tiny_llama)
     class_forward = type(model).forward
     before = inspect.signature(model.forward)
+    assert fused_loss_status(model) == "stock (fused loss not enabled)"
     text = enable_fused_loss(model)
+    assert fused_loss_status(model) == text
     assert text == "fused linear+cross-entropy (chunks of 8192 tokens, gradients in the forward; no logits in " \
                    "training forwards)"
     assert inspect.signature(model.forward) == before
