@@ -310,11 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--cpu-tiny", action="store_true", help="tiny shapes on CPU (the default when CUDA is absent)")
     p.add_argument("--json", help="also write the raw results to this file")
+    p.add_argument("--long-context", action="store_true",
+                   help="instead: the long-context cells (vocab 32,000 / 128,256 × seq 512 / 2,048 / 4,096, batch 1, "
+                        "ours with the chunked loss against PEFT and the floor; see long_context_main)")
     p.add_argument("--worker", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--lc-worker", choices=["ours", "peft", "timing"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--device", help=argparse.SUPPRESS)
+    p.add_argument("--seqs", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.lc_worker:
+        print(json.dumps(lc_worker(args)))
+        return 0
+    if args.long_context:
+        return long_context_main(args)
     if args.worker:
         args.side = args.worker
         args.batches = [int(b) for b in args.batches.split(",")]
@@ -394,6 +404,184 @@ def shutil_rmtree(path: str) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ==== long context: the chunked linear + cross-entropy (issue #17), the same cells as benchmarks/long_context.py ====
+#
+#     python benchmarks/gpu.py --long-context                  # Llama 3.2 1B shape, vocab 32,000 and 128,256
+#     python benchmarks/gpu.py --long-context --cpu-tiny       # tiny shapes on CPU: checks the code path
+#
+# Per vocabulary a checkpoint of the 1B shape (untied head) with that vocabulary; per side one process that loops
+# over the sequence lengths (batch 1), resetting the peak-memory counter before each: peak allocated above the
+# memory held before the steps, and in total. Step times come from a third process holding ours and PEFT, steps
+# taking turns with the floor (ours with every adapter disabled, forward + backward to the input embeddings).
+
+LC_VOCABS = (32000, 128256)
+LC_SEQS = (512, 2048, 4096)
+
+
+def lc_shape(size: str, vocab: int) -> dict:
+    return {**SHAPES[size], "vocab_size": vocab, "tie_word_embeddings": False}
+
+
+def lc_make_model(folder: Path, size: str, vocab: int, device: str) -> str:
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from gpu import lc_shape\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "torch.manual_seed(0)\n"
+        f"cfg = LlamaConfig(**lc_shape({size!r}, {vocab}), max_position_embeddings=8192, pad_token_id=0)\n"
+        f"with torch.device({device!r}):\n"
+        "    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)\n"
+        f"model.save_pretrained({str(folder)!r}, max_shard_size='5GB')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env())
+    return str(folder)
+
+
+def _lc_load(side: str, path: str, device: str):
+    from long_context import load_ours
+
+    if side == "ours":
+        return load_ours(path)
+    from compare_peft import _load_peft
+
+    return _load_peft(path, {"": 0} if device == "cuda" else {"": "cpu"})[0], "stock"
+
+
+def lc_worker(args) -> dict:
+    import torch
+    from compare_peft import _common_imports
+    from long_context import _floor_step, _ids, _step
+
+    _common_imports()
+    device = args.device
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    seqs = [int(s) for s in args.seqs.split(",")]
+    sides = ["ours", "peft"] if args.lc_worker == "timing" else [args.lc_worker]
+    models, how = {}, None
+    for side in sides:
+        model, path_name = _lc_load(side, args.model, device)
+        how = path_name if side == "ours" else how
+        model.train()
+        models[side] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    dev = next(p.device for p in models[sides[0]][0].parameters() if p.requires_grad)
+    results = []
+    for seq in seqs:
+        ids = _ids(models[sides[0]][0].config.vocab_size, 1, seq).to(dev)
+        row = {"seq": seq}
+        try:
+            if args.lc_worker == "timing":
+                run = {"ours": lambda x=ids: _step(*models["ours"], x),
+                       "peft": lambda x=ids: _step(*models["peft"], x),
+                       "floor": lambda x=ids: _floor_step(models["ours"][0], x)}
+                names = list(run)
+                times = {n: [] for n in names}
+                for i in range(args.warmup + args.steps):
+                    for n in names[i % 3:] + names[:i % 3]:
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        row[f"{n}_loss"] = run[n]()
+                        _sync(device)
+                        if i >= args.warmup:
+                            times[n].append(time.perf_counter() - t0)
+                row.update({f"{n}_step_s": statistics.median(times[n]) for n in names})
+            else:
+                model, opt = models[sides[0]]
+                _sync(device)
+                before = torch.cuda.memory_allocated() if device == "cuda" else _peak_bytes(device)
+                _peak_reset(device)
+                losses = [_step(model, opt, ids) for _ in range(args.warmup + args.steps)]
+                peak = _peak_bytes(device)
+                row.update({"peak_bytes": peak, "step_peak_bytes": peak - before, "loss": losses[0]})
+        except torch.OutOfMemoryError:
+            for model, opt in models.values():
+                opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
+            row["oom"] = True
+        results.append(row)
+    return {"side": args.lc_worker, "loss_path": how, "results": results}
+
+
+def _lc_run(kind: str, model: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--lc-worker", kind, "--model", model, "--seqs", ",".join(map(str, args.seqs)),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--threads",
+           str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def lc_table(rows: list[tuple[int, dict, dict, dict]], peak_name: str) -> str:
+    from long_context import TARGETS, _ok, _slope
+
+    lines = [f"| vocab | seq | ours {peak_name} | PEFT {peak_name} | ours/PEFT | ours step working set | PEFT | "
+             "ours/PEFT | step ours | step PEFT | ours/PEFT | floor | ours/floor | loss ours | loss PEFT |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    growth = ["| vocab | ours MiB / 1k tokens | PEFT MiB / 1k tokens | ours/PEFT |", "|---:|---:|---:|---:|"]
+    for vocab, ours, peft, timing in rows:
+        for o, q, t in zip(ours["results"], peft["results"], timing["results"], strict=True):
+            if o.get("oom") or q.get("oom") or t.get("oom"):
+                lines.append(f"| {vocab:,} | {o['seq']} | {'OOM' if o.get('oom') else _gib(o['peak_bytes'])} | "
+                             f"{'OOM' if q.get('oom') else _gib(q['peak_bytes'])} | – | – | – | – | – | – | – | – | – "
+                             "| – | – |")
+                continue
+            mem = o["peak_bytes"] / q["peak_bytes"]
+            step = t["ours_step_s"] / t["peft_step_s"]
+            floor = t["ours_step_s"] / t["floor_step_s"]
+            lines.append(f"| {vocab:,} | {o['seq']} | {_gib(o['peak_bytes'])} | {_gib(q['peak_bytes'])} | {mem:.2f} | "
+                         f"{_gib(o['step_peak_bytes'])} | {_gib(q['step_peak_bytes'])} | "
+                         f"{o['step_peak_bytes'] / q['step_peak_bytes']:.2f} | {t['ours_step_s'] * 1000:.0f} ms | "
+                         f"{t['peft_step_s'] * 1000:.0f} ms | {step:.2f} {_ok(step, TARGETS['step'])} | "
+                         f"{t['floor_step_s'] * 1000:.0f} ms | {floor:.2f} {_ok(floor, TARGETS['floor'])} | "
+                         f"{t['ours_loss']:.4f} | {t['peft_loss']:.4f} |")
+        ok = [(o, q) for o, q in zip(ours["results"], peft["results"], strict=True)
+              if not o.get("oom") and not q.get("oom")]
+        if len(ok) >= 2:
+            so = _slope([(o["seq"], o["step_peak_bytes"] / 2**20) for o, _ in ok])
+            sq = _slope([(q["seq"], q["step_peak_bytes"] / 2**20) for _, q in ok])
+            growth.append(f"| {vocab:,} | {so:,.1f} | {sq:,.1f} | {so / sq:.3f} {_ok(so / sq, TARGETS['growth'])} |")
+    return "\n".join(lines) + "\n\nGrowth of the step's peak per 1,000 tokens (least-squares slope)\n\n" + \
+        "\n".join(growth)
+
+
+def long_context_main(args) -> int:
+    import torch
+
+    tiny = args.cpu_tiny or not torch.cuda.is_available()
+    args.device = "cpu" if tiny else "cuda"
+    size = (args.sizes or ("tiny" if tiny else "1b")).split(",")[0]
+    vocabs = (512,) if tiny else LC_VOCABS
+    args.seqs = [32, 64] if tiny else list(LC_SEQS)
+    if tiny:
+        args.steps, args.warmup = 1, 0
+    rows, how = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for vocab in vocabs:
+            t0 = time.perf_counter()
+            path = lc_make_model(Path(tmp) / f"v{vocab}", size, vocab, "cpu" if tiny else "cuda")
+            try:
+                ours, peft = _lc_run("ours", path, args), _lc_run("peft", path, args)
+                timing = _lc_run("timing", path, args)
+            finally:
+                shutil_rmtree(path)
+            how = ours["loss_path"]
+            rows.append((vocab, ours, peft, timing))
+            print(f"# vocab {vocab}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    where = "CPU, tiny shapes: a check of the script, not a measurement" if tiny else torch.cuda.get_device_name()
+    peak_name = "peak RSS" if tiny else "peak allocated"
+    print(f"Long context on {where}: Llama {size} shape (untied head), batch 1, NF4 + double quant, bf16 compute, "
+          f"r=16 all-linear, AdamW, non-reentrant checkpointing both sides, median of {args.steps} step(s); ours' "
+          f"loss path: {how}\n")
+    print(lc_table(rows, peak_name))
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"vocab": v, "ours": o, "peft": q, "timing": t}
+                                               for v, o, q, t in rows], indent=2))
+    return 0
+# ==== end of the long-context section ================================================================================
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class LowRankConfig:
         quant_storage: dtype the packed 4-bit data is stored in. ``uint8`` by default; FSDP and ZeRO-3 can only shard
             the 4-bit weights when this equals the model dtype (hf_lowrank sets it by itself under those launches).
         adapter_dtype: dtype of the A and B weights (``float32`` keeps the optimizer exact, as PEFT does).
+        fused_loss: for a causal LM, compute the training loss as a chunked linear + cross-entropy that never holds
+            the (batch, sequence, vocab) logits (`hf_lowrank.fused_lm`); training forwards given ``labels`` then
+            return ``logits=None``. Evaluation and generation are unchanged; unsupported models keep the stock path.
     """
 
     r: int = 16
@@ -66,6 +69,7 @@ class LowRankConfig:
     compute_dtype: str = "bfloat16"
     quant_storage: str = "uint8"
     adapter_dtype: str = "float32"
+    fused_loss: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -113,6 +117,8 @@ class LowRankConfig:
             raise bad("quant_storage", self.quant_storage, f"one of {QUANT_STORAGES} (the model dtype for FSDP/ZeRO-3)")
         if not isinstance(self.double_quant, bool):
             raise bad("double_quant", self.double_quant, "True or False")
+        if not isinstance(self.fused_loss, bool):
+            raise bad("fused_loss", self.fused_loss, "True or False")
 
     @staticmethod
     def _check_names(name: str, value: Any, allow_none: bool) -> None:

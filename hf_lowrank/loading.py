@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import LowRankConfig
 from .format import AdapterError
+from .fused_lm import enable_fused_loss
 from .inject import inject as _inject
 from .launch import current_device_map, for_launch
 from .quantize import bnb_config, prepare_for_kbit_training
@@ -63,7 +64,10 @@ def from_pretrained(model_cls: Any, name_or_path: str, lowrank_config: LowRankCo
     with bypassed():
         model = model_cls.from_pretrained(name_or_path, **hf_kwargs)
     prepare_for_kbit_training(model)
-    return inject(model, config)
+    inject(model, config)
+    if config.fused_loss:
+        enable_fused_loss(model)  # a no-op (the stock path) for anything but a supported causal LM
+    return model
 
 
 def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:

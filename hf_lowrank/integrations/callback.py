@@ -15,6 +15,7 @@ import logging
 
 from transformers import TrainerCallback
 
+from ..fused_lm import enable_fused_loss, fused_loss_status
 from ..inject import lora_layers, parameter_summary
 from ..launch import launch_kind
 from . import transformers as _trainer_seams  # noqa: F401 (registers the "trainer" group)
@@ -74,9 +75,12 @@ class LowRankCallback(TrainerCallback):
 
     # ---- optimizer default ----------------------------------------------------------------------------------------
 
-    def on_init_end(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
         from transformers.training_args import OptimizerNames
 
+        cfg = getattr(model, "lowrank_config", None)
+        if cfg is not None and cfg.fused_loss:  # models injected without from_pretrained; before accelerate wraps
+            enable_fused_loss(model)
         if self.default_optim is None:
             return
         default = next(f.default for f in dataclasses.fields(type(args)) if f.name == "optim")
@@ -148,4 +152,5 @@ def training_summary(model, args=None, optimizer=None) -> str:
         f"  quantization   : {quant}",
         f"  optimizer      : {optim}",
         f"  paged state    : {paged_note}",
+        f"  loss path      : {fused_loss_status(model)}",
     ])

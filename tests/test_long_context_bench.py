@@ -1,0 +1,38 @@
+"""benchmarks/long_context.py and gpu.py --long-context run end to end on tiny shapes and print complete tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, timeout: int = 400) -> str:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_long_context_quick_prints_every_cell():
+    out = _run("benchmarks/long_context.py", "--quick")
+    assert "Ours' loss path: vocab 512: fused linear+cross-entropy" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 512 | 1 × ")]
+    assert [r[1].strip() for r in rows] == ["1 × 32", "1 × 64"]
+    for r in rows:
+        assert len(r) == 15 and all(c.strip() for c in r), r
+        assert "≤ 0.9" in r[10] and "≤ 1.15" in r[12]  # step ratio and floor ratio carry their targets
+        assert abs(float(r[13]) - float(r[14])) < 0.02  # same NF4 base, B = 0: both sides start from one loss
+    growth = [line for line in out.splitlines() if line.startswith("| 512 | ") and "≤ 0.5" in line]
+    assert len(growth) == 1
+
+
+def test_gpu_long_context_cpu_tiny():
+    out = _run("benchmarks/gpu.py", "--long-context", "--cpu-tiny")
+    rows = [line for line in out.splitlines() if line.startswith("| 512 | ")]
+    assert len(rows) == 2 + 1, out  # 2 sequence lengths, + the growth row
+    assert all("OOM" not in r and "–" not in r for r in rows), out
