@@ -85,6 +85,18 @@ def _no_global_hook():
     hf_lowrank.disable()
 
 
+#: Python source that hides `peft` from the import system, as on a machine without it installed.
+HIDE_PEFT = """
+import sys
+from importlib.machinery import PathFinder
+class NoPeft(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split('.')[0] == 'peft' else PathFinder.find_spec(name, path, target)
+sys.meta_path = [NoPeft if f is PathFinder else f for f in sys.meta_path]
+"""
+
+
 def tokens(batch: int = 2, seq: int = 16, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (batch, seq), generator=g)

@@ -21,18 +21,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainin
 import hf_lowrank
 from hf_lowrank import LowRankConfig
 from hf_lowrank.integrations import registry
-from tests.conftest import tokens
+from tests.conftest import HIDE_PEFT, tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_PEFT = textwrap.dedent("""
-    import sys
-    from importlib.machinery import PathFinder
-    class NoPeft(PathFinder):
-        @classmethod
-        def find_spec(cls, name, path=None, target=None):
-            return None if name.split('.')[0] == 'peft' else PathFinder.find_spec(name, path, target)
-    sys.meta_path = [NoPeft if f is PathFinder else f for f in sys.meta_path]
-""")
+NO_PEFT = HIDE_PEFT
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

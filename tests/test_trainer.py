@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HIDE_PEFT
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
@@ -25,14 +26,8 @@ TWO_LINES = "import hf_lowrank\nhf_lowrank.enable(r=8, lora_alpha=16)\n"
 CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", "trainer_state.json", "training_args.bin"}
 # Runs a script with `peft` hidden from the import system, as on a machine without it installed.
-NO_PEFT = textwrap.dedent("""
-    import runpy, sys
-    from importlib.machinery import PathFinder
-    class NoPeft(PathFinder):
-        @classmethod
-        def find_spec(cls, name, path=None, target=None):
-            return None if name.split('.')[0] == 'peft' else PathFinder.find_spec(name, path, target)
-    sys.meta_path = [NoPeft if f is PathFinder else f for f in sys.meta_path]
+NO_PEFT = HIDE_PEFT + textwrap.dedent("""
+    import runpy
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     runpy.run_path(script, run_name='__main__')
