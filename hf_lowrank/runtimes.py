@@ -26,14 +26,12 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import fsync_dir
 from .format import (
     ARCHITECTURE,
     CHECKSUM,
@@ -45,14 +43,28 @@ from .format import (
     AdapterError,
     recorded_quantization,
 )
-from .loading import model_class, read, resolve_base
-from .state import AdapterFiles, check_adapter, write_adapter_files
+from .loading import read
+from .lora_gguf import GGUF_ARCHITECTURES, base_config, gguf_path, write_gguf
+from .state import AdapterFiles, write_adapter_files
 
 ACCEPTED, NEEDS_EXPORT, REFUSED = "accepted", "needs export", "refused"
 #: vLLM's `max_lora_rank` must be one of these (vllm.config.lora.MaxLoRARanks, 0.32).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-#: base architectures whose GGUF tensor names and q/k row order `export --target llama.cpp` writes.
-GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+#: architectures vLLM 0.32 serves without LoRA (its `supports_lora` is false for their class: every registered
+#: causal-LM / classification / masked-LM architecture for which it is, read from vLLM's model registry).
+_WITHOUT_LORA = """
+    BailingMoeV2_5ForCausalLM BailingMoeV3ForCausalLM BertForMaskedLM BertForSequenceClassification
+    BertForTokenClassification BloomForCausalLM Cohere2MoeForCausalLM DFlashLagunaForCausalLM DbrxForCausalLM
+    DeepseekV41ForCausalLM DeepseekV4ForCausalLM DeepseekVLV2ForCausalLM FalconForCausalLM
+    FalconMambaForCausalLM GPT2ForSequenceClassification GPT2LMHeadModel GPTJForCausalLM Gemma3nForCausalLM
+    GteNewForSequenceClassification HrmTextForCausalLM IQuestLoopCoderForCausalLM KimiLinearForCausalLM
+    Mamba2ForCausalLM MambaForCausalLM MiMoV2FlashForCausalLM MiMoV2ForCausalLM
+    ModernBertForSequenceClassification ModernBertForTokenClassification Moondream3ForCausalLM
+    MoonshotKimiaForCausalLM OpenAIPrivacyFilterForTokenClassification OrionForCausalLM Ovis2_6ForCausalLM
+    Ovis2_6_MoeForCausalLM Phi3VForCausalLM RobertaForTokenClassification StableLmForCausalLM Step1ForCausalLM
+    Step3TextForCausalLM Step3p5ForCausalLM XLMRobertaForTokenClassification Zamba2ForCausalLM
+"""
+VLLM_WITHOUT_LORA = frozenset(_WITHOUT_LORA.split())
 MERGE_FIX = "merge instead: hf-lowrank merge ADAPTER --output DIR, then serve the merged model"
 
 
@@ -66,15 +78,16 @@ class Runtime:
     saved_modules: tuple[str, ...] | None  #: modules_to_save it loads (classification tasks only); None: any
     dora: bool  #: reads DoRA's magnitude vectors
     max_ranks: tuple[int, ...] | None  #: the values its largest-rank setting allows; None: any rank
+    without_lora: frozenset[str]  #: architectures it serves no LoRA for
     how: str  #: what serving an accepted adapter takes
 
 
 RUNTIMES = (
-    Runtime("PEFT", "peft", "as configured", None, True, None,
+    Runtime("PEFT", "peft", "as configured", None, True, None, frozenset(),
             "PEFT and transformers' model.load_adapter read the folder as it is"),
-    Runtime("vLLM", "vllm", "as configured", ("classifier", "score"), False, VLLM_MAX_LORA_RANKS,
+    Runtime("vLLM", "vllm", "as configured", ("classifier", "score"), False, VLLM_MAX_LORA_RANKS, VLLM_WITHOUT_LORA,
             "LLM(model=BASE, enable_lora=True, max_lora_rank={max_rank}) and LoRARequest(name, id, ADAPTER_DIR)"),
-    Runtime("llama.cpp", "llama.cpp", "alpha / rank", (), False, None,
+    Runtime("llama.cpp", "llama.cpp", "alpha / rank", (), False, None, frozenset(),
             "hf-lowrank export ADAPTER --target llama.cpp --output FILE.gguf (or llama.cpp's "
             "convert_lora_to_gguf.py), then Llama(model_path=BASE.gguf, lora_path=FILE.gguf)"),
 )
@@ -132,10 +145,24 @@ def _wrong_scalings(rt: Runtime, files: AdapterFiles) -> list[str]:
     return [m for m, (r, s) in files.scalings().items() if not math.isclose(s, alpha / r, rel_tol=1e-6)]
 
 
+_TASK_SUFFIX = {"CAUSAL_LM": "ForCausalLM", "SEQ_CLS": "ForSequenceClassification",
+                "TOKEN_CLS": "ForTokenClassification"}
+
+
 def _architecture(files: AdapterFiles) -> str | None:
     """The base architecture hf_lowrank recorded when it saved the adapter (None for other tools' files)."""
     recorded = files.metadata.get(ARCHITECTURE, "")
     return recorded.split(",")[0] or None
+
+
+def served_architecture(files: AdapterFiles) -> str | None:
+    """The architecture a runtime builds for the adapter's task: a bare base ("BertModel") trained for
+    classification is served as "BertForSequenceClassification"."""
+    arch = _architecture(files)
+    suffix = _TASK_SUFFIX.get(files.peft_config.get("task_type") or "")
+    if arch and suffix and arch.endswith("Model") and not arch.endswith("LMHeadModel"):
+        return arch.removesuffix("Model") + suffix
+    return arch
 
 
 def smallest_rank_setting(rank: int, allowed: tuple[int, ...]) -> int | None:
@@ -149,6 +176,9 @@ def verdict(rt: Runtime, files: AdapterFiles, max_lora_rank: int | None = None) 
         fix = MERGE_FIX if "modules_to_save" in missing else ("merge instead, with PEFT (merge_and_unload), then "
                                                               "serve the merged model")
         return Verdict(REFUSED, f"{rt.name}: {missing}", fix)
+    arch = served_architecture(files)
+    if arch in rt.without_lora:
+        return Verdict(REFUSED, f"{rt.name} serves no LoRA adapters for {arch}", MERGE_FIX)
     if rt.max_ranks is not None:
         rank = declared_max_rank(files)
         setting = smallest_rank_setting(rank, rt.max_ranks)
@@ -271,116 +301,6 @@ def export_portable(files: AdapterFiles, out: Path) -> Path:
     return _write_peft(out, files, tensors, config)
 
 
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise AdapterError("export --target llama.cpp writes GGUF with the `gguf` package, which is not installed: "
-                           'pip install "hf-lowrank[gguf]"') from None
-    return gguf
-
-
-def _base_config(files: AdapterFiles, base: str | None) -> Any:
-    """The base's transformers config (config.json only is fetched for a Hub base), checked against the adapter on a
-    weightless copy of the model, exactly as `load_adapter` checks a real one."""
-    from transformers import AutoConfig
-
-    folder = resolve_base(files, base, allow_patterns=("*.json",))
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = model_class(files).from_config(config)
-    check_adapter(model, files)
-    return config
-
-
-def _rope_rows(n_heads: int, out: int) -> torch.Tensor:
-    """Row order that takes a q/k projection from transformers' rotary layout (per head: all first halves of the
-    rotated pairs, then all second halves) to GGUF's (per head: the two values of each pair side by side).
-
-    head h, pair i: HF rows h·d + i and h·d + d/2 + i  ──►  GGUF rows h·d + 2i and h·d + 2i + 1   (d = out / n_heads)
-    """
-    d = out // n_heads
-    rows = torch.arange(out).reshape(n_heads, 2, d // 2)  # (head, half, pair)
-    return rows.transpose(1, 2).reshape(out)  # (head, pair, half) flattened
-
-
-def gguf_tensors(files: AdapterFiles, config: Any) -> tuple[float, dict[str, torch.Tensor]]:
-    """(adapter.lora.alpha, {GGUF name: float32 tensor}) for a Llama-architecture base.
-
-    llama.cpp computes ΔW = (α/r)·B·A for each pair with one α and that pair's r; B' = (s·r/α)·B gives back every
-    module's own scaling s. A is written as (r, in) and B as (out, r) (GGUF lists dimensions the other way round,
-    which is the layout llama.cpp checks for); the rows of q/k's B are put in GGUF's rotary order, as the model
-    converter does for the base weights.
-    """
-    gguf = _gguf()
-    arch = next((a for a in (config.architectures or []) if a in GGUF_ARCHITECTURES), None)
-    if arch is None:
-        raise AdapterError(f"export --target llama.cpp writes Llama-architecture GGUF only; this base is "
-                           f"{', '.join(config.architectures or [config.model_type])}. Export with --target peft "
-                           "(scalings folded) and convert that folder with llama.cpp's convert_lora_to_gguf.py")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    alpha = float(files.config.lora_alpha)
-    out: dict[str, torch.Tensor] = {}
-    for module, (r, s) in files.scalings().items():
-        if module == "lm_head" and getattr(config, "tie_word_embeddings", False):
-            raise AdapterError(f"{files.config_path}: lm_head is adapted but the base ties it to the embeddings, "
-                               "which llama.cpp stores once; merge instead")
-        name = names.get_name(module + ".weight", try_suffixes=(".weight",))
-        if name is None:
-            raise AdapterError(f"{files.config_path}: module {module} has no tensor in llama.cpp's Llama model")
-        pair = files.lora_tensors()[module]
-        a, b = pair["A"].float(), pair["B"].float()  # (r, in), (out, r)
-        factor = s * r / alpha
-        if not math.isclose(factor, 1.0, rel_tol=1e-12):
-            b = b * factor
-        if module.endswith("self_attn.q_proj"):
-            b = b[_rope_rows(n_heads, b.shape[0])]
-        elif module.endswith("self_attn.k_proj"):
-            b = b[_rope_rows(n_kv, b.shape[0])]
-        out[name.removesuffix(".weight") + ".weight.lora_a"] = a.contiguous()
-        out[name.removesuffix(".weight") + ".weight.lora_b"] = b.contiguous()
-    return alpha, out
-
-
-def write_gguf(files: AdapterFiles, config: Any, path: Path) -> Path:
-    """The GGUF LoRA file, written beside `path` and renamed over it once flushed."""
-    from .version import __version__
-
-    gguf = _gguf()
-    alpha, tensors = gguf_tensors(files, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, GGUF_ARCHITECTURES["LlamaForCausalLM"])
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_name(files.folder.name)
-        writer.add_string("hf_lowrank.version", __version__)
-        for name, t in tensors.items():
-            writer.add_tensor(name, t.numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def gguf_path(output: Path) -> Path:
-    """`output` itself when it names a .gguf file, else `adapter_model.gguf` inside the folder `output`."""
-    return output if output.suffix == ".gguf" else output / "adapter_model.gguf"
-
-
 def export(files: AdapterFiles, target: str, output: str | os.PathLike, *, base: str | None = None,
            max_lora_rank: int | None = None) -> tuple[Path, Verdict]:
     """Check `files` against `target`'s rules and write what that runtime reads to `output`.
@@ -401,7 +321,7 @@ def export(files: AdapterFiles, target: str, output: str | os.PathLike, *, base:
         return export_portable(files, output), v
     if target == "vllm":  # vLLM applies the adapter's own scalings: the files as they are
         return _write_peft(output, files, dict(files.tensors), dict(files.peft_config)), v
-    return write_gguf(files, _base_config(files, base), gguf_path(output)), v
+    return write_gguf(files, base_config(files, base), gguf_path(output)), v
 
 
 # ---- commands -------------------------------------------------------------------------------------------------------
