@@ -15,6 +15,8 @@ llama-cpp-python 0.3.36) with adapters hf_lowrank trained on an NF4 base:
 - vLLM applies rsLoRA, rank_pattern and alpha_pattern as PEFT does; it refuses modules_to_save (but `classifier` /
   `score` of classification models), DoRA, biases and a rank above the `max_lora_rank` it was started with, which
   must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512. A refused adapter kills the engine for every later request.
+  It serves LoRA only for architectures whose model class supports it (`VLLM_WITHOUT_LORA` lists those that do
+  not, GPT-2 and BERT among them; read from vLLM's registry, not run here).
 - llama.cpp reads one `adapter.lora.alpha` and scales each A/B pair by α/r with that pair's own r: rank_pattern
   alone is right, rsLoRA and alpha_pattern are silently wrong unless folded into B. Its converter
   (convert_lora_to_gguf.py) refuses full tensors (modules_to_save, e.g. lm_head) and DoRA.
@@ -50,8 +52,8 @@ from .state import AdapterFiles, write_adapter_files
 ACCEPTED, NEEDS_EXPORT, REFUSED = "accepted", "needs export", "refused"
 #: vLLM's `max_lora_rank` must be one of these (vllm.config.lora.MaxLoRARanks, 0.32).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-#: architectures vLLM 0.32 serves without LoRA (its `supports_lora` is false for their class: every registered
-#: causal-LM / classification / masked-LM architecture for which it is, read from vLLM's model registry).
+#: architectures vLLM 0.32 serves without LoRA: every causal-LM / classification / masked-LM architecture in its
+#: model registry whose class fails `vllm.model_executor.models.interfaces.supports_lora`.
 _WITHOUT_LORA = """
     BailingMoeV2_5ForCausalLM BailingMoeV3ForCausalLM BertForMaskedLM BertForSequenceClassification
     BertForTokenClassification BloomForCausalLM Cohere2MoeForCausalLM DFlashLagunaForCausalLM DbrxForCausalLM
