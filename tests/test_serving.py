@@ -33,7 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "serving"))
 
-from build import motif, save_base, train_adapter  # noqa: E402
+from serving_models import motif, save_base, train_adapter  # noqa: E402
 
 import hf_lowrank  # noqa: E402
 from hf_lowrank.format import AdapterError  # noqa: E402
