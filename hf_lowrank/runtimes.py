@@ -134,7 +134,7 @@ def _unsupported(rt: Runtime, files: AdapterFiles) -> str | None:
         allowed = set(rt.saved_modules) if pc.get("task_type") == "SEQ_CLS" else set()
         extra = [m for m in saved if m.rsplit(".", 1)[-1] not in allowed and m not in allowed]
         if extra:
-            return (f"full copies of modules (modules_to_save: {', '.join(extra)}) are not loaded"
+            return (f"full copies of modules (modules_to_save: {', '.join(extra)}) are refused"
                     + (f" (only {' / '.join(rt.saved_modules)} of classification models)" if rt.saved_modules else ""))
     return None
 
