@@ -1,4 +1,4 @@
-"""`hf-lowrank train / push / pull / merge / inspect / doctor`.
+"""`hf-lowrank train / push / pull / merge / inspect / export / doctor`.
 
 Each command lives in the module that owns its work and exposes `main(argv)`; this file only dispatches, so
 `hf-lowrank --help` stays fast and importing one command never imports the others' dependencies.
@@ -24,7 +24,8 @@ COMMANDS = {
     "push": ("hf_lowrank.hub_cli", "push an adapter folder to the Hugging Face Hub"),
     "pull": ("hf_lowrank.hub_cli", "download an adapter from the Hub"),
     "merge": ("hf_lowrank.export", "fold an adapter into its base and write a standard 16-bit model folder"),
-    "inspect": ("hf_lowrank.export", "describe an adapter and which runtimes accept it"),
+    "inspect": ("hf_lowrank.runtimes", "describe an adapter and what PEFT, vLLM and llama.cpp do with it"),
+    "export": ("hf_lowrank.runtimes", "write an adapter for one runtime: --target peft, vllm or llama.cpp (GGUF)"),
     "doctor": ("hf_lowrank.doctor", "print the environment and refuse known-bad distributed setups"),
 }
 DEBUG_ENV = "HF_LOWRANK_DEBUG"

@@ -1,71 +1,34 @@
-"""`hf-lowrank merge` and `hf-lowrank inspect`: adapters out of hf_lowrank and into other runtimes.
+"""`hf-lowrank merge`: an adapter folded into its base, written as a standard model folder.
 
-merge   the adapter is checked against the base exactly as `load_adapter` checks it (on a weightless copy), then
-        base shard ──► every 4-bit layer of the QLoRA model: W0 → NF4 → dequantized W0' (what the adapter trained
-        against, reproduced exactly with the recorded settings) ──► + s·B·A in float32 ──► --dtype ──► output shard
-        (`hf_lowrank.merge.merge_state_dict`, the same fold as the in-memory merge). One shard at a time, so memory
-        stays near one shard; nothing is requantized. The output folder is built beside its target and moved into
-        place in one rename. Then the QLoRA model and the merged one run on the same sample and the logits
-        difference (the drift) is printed.
-inspect config, ranks, targets, size, base, and which runtimes read the adapter as it is; `--export-portable`
-        writes a copy that single-alpha readers (llama.cpp, vLLM) compute correctly.
+The adapter is checked against the base exactly as `load_adapter` checks it (on a weightless copy), then
+    base shard ──► every 4-bit layer of the QLoRA model: W0 → NF4 → dequantized W0' (what the adapter trained
+    against, reproduced exactly with the recorded settings) ──► + s·B·A in float32 ──► --dtype ──► output shard
+(`hf_lowrank.merge.merge_state_dict`, the same fold as the in-memory merge). One shard at a time, so memory stays
+near one shard; nothing is requantized. The output folder is built beside its target and moved into place in one
+rename. Then the QLoRA model and the merged one run on the same sample and the logits difference (the drift) is
+printed. `inspect` and the per-runtime exports are in `hf_lowrank.runtimes`.
 """
-
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .atomic import replace_folder
 from .format import (
-    CHECKSUM,
-    CONFIG_CHECKSUM,
-    CONFIG_NAME,
     INDEX_FILE,
-    LEGACY_CRC32,
-    PREFIX,
     SINGLE_FILE,
-    TASK_CLASSES,
-    VERSION,
-    WEIGHTS_NAME,
     AdapterError,
-    recorded_quantization,
 )
 from .layers import LORA_A, LORA_B
-from .loading import read
+from .loading import model_class, read, resolve_base
 from .merge import merge_state_dict
-from .state import AdapterFiles, check_adapter, write_adapter_files
-
-
-def model_class(files: AdapterFiles):
-    """The Auto class for the adapter's task (causal LM when the config does not say)."""
-    import transformers
-
-    return getattr(transformers, TASK_CLASSES.get(files.peft_config.get("task_type") or "", "AutoModelForCausalLM"))
-
-
-def resolve_base(files: AdapterFiles, base: str | None = None) -> Path:
-    """A local folder with the base's config and safetensors: `base`, or the base the adapter records (downloaded
-    from the Hub at its recorded revision when it is a repo id)."""
-    name = base or files.base_model
-    if not name:
-        raise AdapterError(f"{files.config_path}: base_model_name_or_path is empty; pass --base PATH")
-    if Path(name).is_dir():
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    revision = files.base_revision if name == files.base_model else None
-    return Path(snapshot_download(name, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                                           "*.model", "*.tiktoken"]))
-
+from .state import AdapterFiles, check_adapter
 
 # ---- merge ----------------------------------------------------------------------------------------------------------
 
@@ -316,130 +279,5 @@ def _merge_dtype(name: str | None, files: AdapterFiles, base: Path) -> torch.dty
     return getattr(torch, recorded) if recorded in ("bfloat16", "float16", "float32") else torch.float32
 
 
-# ---- inspect and portable export ----------------------------------------------------------------------------------
-
-
-def runtimes(files: AdapterFiles) -> dict[str, str]:
-    """Which runtimes read the adapter as it is, each with the reason when not (or when only with care)."""
-    pc = files.peft_config
-    patterns = bool(pc.get("rank_pattern") or pc.get("alpha_pattern"))
-    mts = pc.get("modules_to_save")
-    out = {"PEFT": "yes", "transformers (model.load_adapter)": "yes (through PEFT)"}
-    if pc.get("use_dora"):
-        out["vLLM"] = "no: vLLM refuses DoRA"
-    elif mts:
-        out["vLLM"] = f"no: vLLM refuses modules_to_save ({', '.join(mts)}); merge instead"
-    elif patterns:
-        out["vLLM"] = "not as is: vLLM applies one r and lora_alpha to every module; use --export-portable"
-    else:
-        out["vLLM"] = f"yes (start it with --max-lora-rank >= {max(r for r, _ in files.scalings().values())})"
-    if pc.get("use_rslora") or patterns:
-        out["llama.cpp"] = "not as is: llama.cpp reads one lora_alpha (no rsLoRA, no patterns); use --export-portable"
-    elif mts:
-        out["llama.cpp"] = "partly: convert_lora_to_gguf ignores modules_to_save; merge instead"
-    else:
-        out["llama.cpp"] = "yes (convert_lora_to_gguf.py)"
-    return out
-
-
-def describe(files: AdapterFiles) -> str:
-    pc, meta = files.peft_config, files.metadata
-    scalings = files.scalings()
-    ranks = sorted({r for r, _ in scalings.values()})
-    n_params = sum(t.numel() for t in files.tensors.values())
-    tensor_bytes = sum(t.numel() * t.element_size() for t in files.tensors.values())
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in files.tensors.values()})
-    targets = pc.get("target_modules")
-    try:
-        quant = recorded_quantization(meta)
-    except ValueError as e:
-        raise AdapterError(f"{files.weights_path}: header entry {e}") from None
-    lines = [
-        f"adapter         {files.folder}",
-        f"written by      {'hf_lowrank ' + meta[VERSION] if files.written_by_us else 'another tool (PEFT?)'}",
-        f"base model      {files.base_model or 'unknown'}"
-        + (f" @ {files.base_revision}" if files.base_revision else ""),
-        f"quantization    {_quant(quant)}",
-        f"task            {pc.get('task_type')}",
-        f"r / lora_alpha  {pc.get('r')} / {pc.get('lora_alpha')}"
-        + ("  (rsLoRA: scaling α/√r)" if pc.get("use_rslora") else "  (scaling α/r)"),
-        f"ranks used      {', '.join(map(str, ranks))}",
-        f"rank_pattern    {pc.get('rank_pattern') or '-'}",
-        f"alpha_pattern   {pc.get('alpha_pattern') or '-'}",
-        f"targets         {', '.join(targets) if isinstance(targets, list) else targets}"
-        f"  ({len(scalings)} modules)",
-        f"modules_to_save {', '.join(pc.get('modules_to_save') or []) or '-'}",
-        f"parameters      {n_params:,} ({', '.join(dtypes)})",
-        f"bytes           {tensor_bytes:,} in tensors; {files.weights_path.stat().st_size:,} on disk",
-        "runtimes:",
-    ]
-    lines += [f"  {name:<36} {verdict}" for name, verdict in runtimes(files).items()]
-    return "\n".join(lines)
-
-
-def _quant(q: dict[str, Any] | None) -> str:
-    if q is None:
-        return "not recorded (a 16-bit base unless you know otherwise)"
-    if not q.get("quantization"):
-        return "none (16-bit base)"
-    dq = ", double quant" if q.get("double_quant") else ""
-    return f"{q['quantization'].upper()}{dq}, compute {q.get('compute_dtype')}"
-
-
-def portable(files: AdapterFiles) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and config that compute the same ΔW = s·B·A under one rank and one lora_alpha, without rsLoRA.
-
-    Every module's scaling is folded into its B; where ranks differ (rank_pattern), A and B are padded with zero
-    rows / columns up to the largest rank, which changes nothing in B·A. lora_alpha = r then makes every reader's
-    scaling exactly 1.
-    """
-    scalings = files.scalings()
-    r_max = max(r for r, _ in scalings.values())
-    tensors = dict(files.tensors)
-    for module, (r, s) in scalings.items():
-        ka, kb = f"{PREFIX}{module}.{LORA_A}", f"{PREFIX}{module}.{LORA_B}"
-        a, b = files.tensors[ka], files.tensors[kb]
-        b = (b.float() * s).to(b.dtype)
-        if r < r_max:
-            a = torch.cat([a, a.new_zeros(r_max - r, a.shape[1])], dim=0)  # (r_max, in)
-            b = torch.cat([b, b.new_zeros(b.shape[0], r_max - r)], dim=1)  # (out, r_max)
-        tensors[ka], tensors[kb] = a.contiguous(), b.contiguous()
-    config = {**files.peft_config, "r": r_max, "lora_alpha": r_max, "use_rslora": False, "rank_pattern": {},
-              "alpha_pattern": {}}
-    return tensors, config
-
-
-def export_portable(files: AdapterFiles, out: Path) -> Path:
-    if files.peft_config.get("use_dora"):
-        raise AdapterError(f"{files.config_path}: DoRA adapters have no single-alpha form (the magnitude vector "
-                           "rescales each output); merge the adapter with PEFT instead")
-    tensors, config = portable(files)
-    changed = (CHECKSUM, CONFIG_CHECKSUM, LEGACY_CRC32)  # B and the config change: write_adapter_files recomputes
-    metadata = {k: v for k, v in files.metadata.items() if k not in changed}
-    return write_adapter_files(out, tensors, metadata, config)
-
-
-def inspect_main(argv: list[str] | None = None) -> int:
-    """`hf-lowrank inspect ADAPTER [--export-portable OUT]`."""
-    from .commandline import ArgumentParser
-
-    p = ArgumentParser(prog="hf-lowrank inspect", description="Describe an adapter and which runtimes "
-                                "accept it; optionally write a copy every single-alpha reader computes correctly.")
-    p.add_argument("adapter", help="adapter folder or Hub repo id")
-    p.add_argument("--revision", help="adapter revision when ADAPTER is a repo id")
-    p.add_argument("--export-portable", metavar="OUT", help="write a copy with scalings folded into B: one r, "
-                   "lora_alpha = r, no rsLoRA, no rank/alpha patterns")
-    args = p.parse_args(argv)
-    from .commandline import report
-    from .hub import HubError
-
-    try:
-        files = read(args.adapter, revision=args.revision, describe_only=True)
-        print(describe(files))
-        if args.export_portable:
-            out = export_portable(files, Path(args.export_portable))
-            print(f"portable copy written to {out} ({os.path.getsize(out / WEIGHTS_NAME):,} bytes): one r, "
-                  f"lora_alpha = r, no rsLoRA, no patterns; read it with any {CONFIG_NAME} reader")
-    except (AdapterError, HubError) as e:
-        return report("hf-lowrank inspect", e)
-    return 0
+# inspect moved to hf_lowrank.runtimes (with export); kept importable from here for existing callers
+from .runtimes import inspect_main  # noqa: E402, F401

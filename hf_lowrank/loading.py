@@ -177,3 +177,30 @@ def check_base(base: str, revision: str | None, files: Any, *, given_as: str, fi
     if problem is not None:
         where = f"the base model {base!r} recorded in {files.config_path}" if base == files.base_model else given_as
         raise AdapterError(f"{where} {problem}; {fix}")
+
+
+def model_class(files):
+    """The transformers Auto class for an adapter's task (causal LM when its config does not say)."""
+    import transformers
+
+    from .format import TASK_CLASSES
+
+    return getattr(transformers, TASK_CLASSES.get(files.peft_config.get("task_type") or "", "AutoModelForCausalLM"))
+
+
+#: what `resolve_base` downloads of a Hub base: the config, tokenizer files and the weights.
+BASE_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
+
+
+def resolve_base(files, base: str | None = None, allow_patterns: tuple[str, ...] = BASE_FILES) -> Path:
+    """A local folder with the base's files: `base`, or the base the adapter records (downloaded from the Hub at its
+    recorded revision when it is a repo id; `allow_patterns` limits what is downloaded, e.g. ("*.json",))."""
+    name = base or files.base_model
+    if not name:
+        raise AdapterError(f"{files.config_path}: base_model_name_or_path is empty; pass --base PATH")
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    revision = files.base_revision if name == files.base_model else None
+    return Path(snapshot_download(name, revision=revision, allow_patterns=list(allow_patterns)))

@@ -1,4 +1,4 @@
-"""Merge (in Python and `hf-lowrank merge`, shard by shard), `hf-lowrank inspect` and the portable export.
+"""Merge (in Python and `hf-lowrank merge`, shard by shard), `hf-lowrank inspect` and `hf-lowrank export`.
 
 Drift tolerances (max |Δlogits| / max |logits| between the adapter model and its merged copy):
   16-bit base, float32: ≤ 1e-5 (only float rounding of W0 + s·B·A);
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ import torch
 from conftest import logits, randomize_b, tokens  # noqa: F401
 
 import hf_lowrank
-from hf_lowrank.export import inspect_main, merge_main, sample_input
+from hf_lowrank.export import merge_main, sample_input
+from hf_lowrank.runtimes import ACCEPTED, NEEDS_EXPORT, REFUSED, export, export_main, inspect_main, verdicts
 from hf_lowrank.state import AdapterError, load_adapter, read_adapter, save_adapter
 
 
@@ -148,25 +150,32 @@ def test_merge_cli_reports_bad_adapter(tmp_path, capsys):
 
 
 def test_inspect_describes_and_judges_runtimes(tiny_llama, tiny_bert, tmp_path, capsys):
+    """The description, and one verdict per runtime (tests/test_serving.py checks them against the real engines)."""
     save_adapter(adapted(tiny_llama, r=8, target_modules=["q_proj", "v_proj"]), tmp_path / "plain")
     assert inspect_main([str(tmp_path / "plain")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"r / lora_alpha\s+8 / 8", out) and re.search(r"targets\s+q_proj, v_proj\s+\(4 modules\)", out)
     assert re.search(r"parameters\s+7,168 \(float32\)", out)  # 2 layers × 8 × ((128 + 128) + (128 + 64))
     assert re.search(r"bytes\s+28,672 in tensors", out) and f"base model      {tiny_llama}" in out
-    assert re.search(r"vLLM\s+yes", out) and re.search(r"llama\.cpp\s+yes", out) and re.search(r"PEFT\s+yes", out)
+    assert re.search(r"^  PEFT\s+accepted\s", out, re.M)
+    assert re.search(r"^  vLLM\s+accepted\s+LLM\(.*max_lora_rank=8\)", out, re.M)
+    assert re.search(r"^  llama\.cpp\s+accepted\s+hf-lowrank export ADAPTER --target llama\.cpp", out, re.M)
 
     save_adapter(adapted(tiny_llama, use_rslora=True, rank_pattern={"q_proj": 8}), tmp_path / "fancy")
     assert inspect_main([str(tmp_path / "fancy")]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"vLLM\s+not as is", out) and re.search(r"llama\.cpp\s+not as is", out)
+    assert re.search(r"^  vLLM\s+accepted\s.*max_lora_rank=8", out, re.M)  # vLLM applies rsLoRA and patterns
+    assert re.search(r"^  llama\.cpp\s+needs export\s+llama\.cpp applies one lora_alpha / rank.*rsLoRA's α/√r.*"
+                     r"→ hf-lowrank export ADAPTER --target llama\.cpp", out, re.M)
     assert "ranks used      4, 8" in out
 
     save_adapter(adapted(tiny_bert, cls_name="AutoModelForSequenceClassification", target_modules=["query"]),
                  tmp_path / "head")
     assert inspect_main([str(tmp_path / "head")]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"vLLM\s+no: vLLM refuses modules_to_save \(classifier\)", out)
+    assert re.search(r"^  vLLM\s+refused\s+vLLM serves no LoRA adapters for BertForSequenceClassification → merge "
+                     "instead", out, re.M)
+    assert re.search(r"^  llama\.cpp\s+refused\s+.*modules_to_save: classifier.*→ merge instead", out, re.M)
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -178,15 +187,52 @@ def test_inspect_describes_and_judges_runtimes(tiny_llama, tiny_bert, tmp_path, 
     out = capsys.readouterr().out
     assert "written by      another tool" in out and "quantization    not recorded" in out
     assert re.search(r"parameters\s+1,024 \(float32\)", out)  # 2 layers × 2 × (128 + 128)
+    assert re.search(r"^  vLLM\s+accepted\s.*max_lora_rank=8", out, re.M)  # rank 2: the smallest setting ≥ 2
 
     dora = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM", use_dora=True)
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), dora).save_pretrained(tmp_path / "dora")
     assert inspect_main([str(tmp_path / "dora")]) == 0
-    assert re.search(r"vLLM\s+no: vLLM refuses DoRA", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"^  PEFT\s+accepted", out, re.M) and re.search(r"^  vLLM\s+refused\s+vLLM: DoRA", out, re.M)
+    assert re.search(r"^  llama\.cpp\s+refused\s+llama\.cpp: DoRA", out, re.M)
     assert inspect_main([str(tmp_path / "dora"), "--export-portable", str(tmp_path / "dora_portable")]) == 1
     assert "DoRA adapters have no single-alpha form" in capsys.readouterr().err
     with pytest.raises(AdapterError, match="use_dora=true; hf_lowrank does not implement DoRA"):
         read_adapter(tmp_path / "dora")
+
+
+@pytest.mark.parametrize("kw,max_lora_rank,expected", [
+    ({}, None, {"vLLM": ACCEPTED, "llama.cpp": ACCEPTED}),
+    # llama.cpp scales each pair by α / (its own rank): a rank pattern alone is right as it is, α patterns are not
+    ({"rank_pattern": {"q_proj": 8}}, None, {"vLLM": ACCEPTED, "llama.cpp": ACCEPTED}),
+    ({"alpha_pattern": {"v_proj": 32}}, None, {"vLLM": ACCEPTED, "llama.cpp": NEEDS_EXPORT}),
+    ({"use_rslora": True}, None, {"vLLM": ACCEPTED, "llama.cpp": NEEDS_EXPORT}),
+    ({"r": 16, "lora_alpha": 16}, 8, {"vLLM": REFUSED, "llama.cpp": ACCEPTED}),  # above the server's setting
+    ({"r": 16, "lora_alpha": 16}, 16, {"vLLM": ACCEPTED, "llama.cpp": ACCEPTED}),
+    ({"rank_pattern": {"model.layers.0.self_attn.q_proj": 520}}, None, {"vLLM": REFUSED, "llama.cpp": ACCEPTED}),
+    ({"modules_to_save": ["lm_head"]}, None, {"vLLM": REFUSED, "llama.cpp": REFUSED}),
+])
+def test_verdict_rules(tiny_llama, tmp_path, kw, max_lora_rank, expected):
+    save_adapter(adapted(tiny_llama, **kw), tmp_path / "a")
+    got = verdicts(read_adapter(tmp_path / "a"), max_lora_rank)
+    assert {k: got[k].status for k in expected} == expected and got["PEFT"].status == ACCEPTED
+    for v in got.values():
+        assert v.status == ACCEPTED or v.fix  # every verdict but "accepted" says what to do instead
+    if kw.get("r") == 16 and max_lora_rank == 8:
+        assert got["vLLM"].fix == "start vLLM with max_lora_rank=16"
+    if 520 in kw.get("rank_pattern", {}).values():
+        assert "rank 520 is above the largest max_lora_rank vLLM allows (512)" in got["vLLM"].reason
+    if kw.get("modules_to_save"):
+        assert "merge instead" in got["vLLM"].fix and "merge instead" in got["llama.cpp"].fix
+
+
+def test_verdicts_for_architectures_vllm_serves_without_lora(tiny_gpt2, tmp_path, capsys):
+    save_adapter(adapted(tiny_gpt2), tmp_path / "gpt2")
+    got = verdicts(read_adapter(tmp_path / "gpt2"))
+    assert got["vLLM"].status == REFUSED and "GPT2LMHeadModel" in got["vLLM"].reason
+    assert got["llama.cpp"].status == ACCEPTED and "convert_lora_to_gguf.py" in got["llama.cpp"].reason
+    assert inspect_main([str(tmp_path / "gpt2"), "--max-lora-rank", "12"]) == 1
+    assert "max_lora_rank=12 is not a value vLLM accepts" in capsys.readouterr().err
 
 
 def test_portable_export_same_outputs_with_one_alpha(tiny_llama, tmp_path, capsys):
@@ -222,3 +268,104 @@ def test_portable_export_same_outputs_with_one_alpha(tiny_llama, tmp_path, capsy
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert relative_drift(expected, logits(plain, x)) > 1e-3
     torch.testing.assert_close(logits(load_adapter(plain, tmp_path / "portable"), x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- hf-lowrank export --------------------------------------------------------------------------------------------
+
+
+def test_export_vllm_writes_the_adapter_as_it_is_or_nothing(tiny_llama, tmp_path, capsys):
+    save_adapter(adapted(tiny_llama, use_rslora=True, rank_pattern={"q_proj": 8}), tmp_path / "a")
+    assert export_main([str(tmp_path / "a"), "--target", "vllm", "--output", str(tmp_path / "v"),
+                        "--max-lora-rank", "8"]) == 0
+    assert "serve it: LLM(model=BASE, enable_lora=True, max_lora_rank=8)" in capsys.readouterr().out
+    original, copy = read_adapter(tmp_path / "a"), read_adapter(tmp_path / "v")
+    assert copy.peft_config == original.peft_config  # vLLM applies rsLoRA and patterns: nothing is folded
+    assert copy.tensors.keys() == original.tensors.keys()
+    assert all(torch.equal(copy.tensors[k], t) for k, t in original.tensors.items())
+
+    save_adapter(adapted(tiny_llama, r=16, lora_alpha=16), tmp_path / "r16")
+    assert export_main([str(tmp_path / "r16"), "--target", "vllm", "--output", str(tmp_path / "v16"),
+                        "--max-lora-rank", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "rank 16 is above max_lora_rank=8" in err and "start vLLM with max_lora_rank=16" in err
+    save_adapter(adapted(tiny_llama, modules_to_save=["lm_head"]), tmp_path / "head")
+    assert export_main([str(tmp_path / "head"), "--target", "vllm", "--output", str(tmp_path / "vh")]) == 1
+    assert "merge instead: hf-lowrank merge" in capsys.readouterr().err
+    assert not (tmp_path / "v16").exists() and not (tmp_path / "vh").exists()
+    assert export_main([str(tmp_path / "a"), "--target", "peft", "--output", str(tmp_path / "a")]) == 1
+    assert "is the adapter folder itself" in capsys.readouterr().err
+
+
+def test_export_peft_is_the_portable_copy(tiny_llama, tmp_path, capsys):
+    save_adapter(adapted(tiny_llama, use_rslora=True, alpha_pattern={"v_proj": 32}), tmp_path / "a")
+    assert export_main([str(tmp_path / "a"), "--target", "peft", "--output", str(tmp_path / "p")]) == 0
+    assert inspect_main([str(tmp_path / "a"), "--export-portable", str(tmp_path / "q")]) == 0  # the same, by alias
+    capsys.readouterr()
+    p, q = read_adapter(tmp_path / "p"), read_adapter(tmp_path / "q")
+    assert p.peft_config == q.peft_config and (p.config.r, p.config.lora_alpha, p.config.use_rslora) == (4, 4, False)
+    assert all(torch.equal(p.tensors[k], t) for k, t in q.tensors.items())
+    assert verdicts(p)["llama.cpp"].status == ACCEPTED  # what a single-alpha reader computes right
+
+
+def test_rope_rows_pair_the_rotary_halves():
+    """transformers keeps each head's rotary pairs as (first halves | second halves); GGUF puts a pair's two rows
+    side by side: HF rows i and d/2 + i become GGUF rows 2i and 2i + 1, head by head."""
+    from hf_lowrank.lora_gguf import _rope_rows
+
+    assert _rope_rows(1, 4).tolist() == [0, 2, 1, 3]
+    assert _rope_rows(2, 8).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert _rope_rows(4, 128).sort().values.tolist() == list(range(128))
+
+
+def test_export_llama_cpp_gguf_folds_every_scaling(tiny_llama, tmp_path, capsys):
+    """The GGUF LoRA file: llama.cpp's α/r of each pair, applied to the written B', gives back each module's ΔW
+    (q/k rows in GGUF's rotary order). Written by renaming a flushed temporary file: no leftovers."""
+    import gguf
+
+    from hf_lowrank.lora_gguf import _rope_rows
+
+    model = adapted(tiny_llama, use_rslora=True, rank_pattern={"q_proj": 8, "model.layers.1.mlp.down_proj": 2},
+                    alpha_pattern={"v_proj": 32})
+    save_adapter(model, tmp_path / "a")
+    assert export_main([str(tmp_path / "a"), "--target", "llama.cpp", "--output", str(tmp_path / "out")]) == 0
+    assert "(scalings folded into B)" in capsys.readouterr().out
+    path = tmp_path / "out" / "adapter_model.gguf"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_model.gguf"]
+    reader = gguf.GGUFReader(path)
+    assert bytes(reader.fields["general.type"].parts[-1]).decode() == "adapter"
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert bytes(reader.fields["adapter.type"].parts[-1]).decode() == "lora"
+    alpha = float(reader.fields["adapter.lora.alpha"].parts[-1][0])
+    assert alpha == 8.0  # the adapter's own lora_alpha: unscaled adapters stay bit for bit what the converter writes
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    assert len(tensors) == 2 * 14
+    for name, layer in hf_lowrank.lora_layers(model):
+        layer_id, kind = name.split(".")[2], name.rsplit(".", 1)[-1]
+        gname = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[kind]
+        a, b = tensors[f"blk.{layer_id}.{gname}.weight.lora_a"], tensors[f"blk.{layer_id}.{gname}.weight.lora_b"]
+        r = a.shape[0]
+        # numpy (r, in) / (out, r), so GGUF's dimensions (listed the other way round) are (in, r) / (r, out)
+        assert a.shape == (r, layer.in_features) and b.shape == (layer.out_features, r)
+        expected = layer.delta_weight().float()
+        if kind in ("q_proj", "k_proj"):
+            expected = expected[_rope_rows(4 if kind == "q_proj" else 2, expected.shape[0])]
+        torch.testing.assert_close(alpha / r * (b @ a), expected, rtol=1e-5, atol=1e-7)
+
+    assert export_main([str(tmp_path / "a"), "--target", "llama.cpp", "--output", str(tmp_path / "x.gguf")]) == 0
+    assert (tmp_path / "x.gguf").is_file() and not list(tmp_path.glob(".x.gguf*"))
+
+
+def test_export_llama_cpp_refusals(tiny_llama, tiny_gpt2, tmp_path, capsys, monkeypatch):
+    save_adapter(adapted(tiny_gpt2), tmp_path / "gpt2")
+    assert export_main([str(tmp_path / "gpt2"), "--target", "llama.cpp", "--output", str(tmp_path / "g.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert "Llama-architecture GGUF only; this base is GPT2LMHeadModel" in err and "--target peft" in err
+    save_adapter(adapted(tiny_llama, modules_to_save=["lm_head"]), tmp_path / "head")
+    assert export_main([str(tmp_path / "head"), "--target", "llama.cpp", "--output", str(tmp_path / "h.gguf")]) == 1
+    assert "merge instead" in capsys.readouterr().err
+    save_adapter(adapted(tiny_llama), tmp_path / "plain")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the [gguf] extra were not installed
+    with pytest.raises(AdapterError, match=re.escape('pip install "hf-lowrank[gguf]"')):
+        export(read_adapter(tmp_path / "plain"), "llama.cpp", tmp_path / "p.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*gguf*"))
