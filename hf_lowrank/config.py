@@ -49,6 +49,11 @@ class LowRankConfig:
         quant_storage: dtype the packed 4-bit data is stored in. ``uint8`` by default; FSDP and ZeRO-3 can only shard
             the 4-bit weights when this equals the model dtype (hf_lowrank sets it by itself under those launches).
         adapter_dtype: dtype of the A and B weights (``float32`` keeps the optimizer exact, as PEFT does).
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): η_B = ratio·η_A, e.g. 16. The Trainer's optimizer (our paged
+            default or the user's ``optim``) gets B (and DoRA magnitudes, as PEFT's ``create_loraplus_optimizer``
+            groups them) in parameter groups at ratio × the learning rate. ``None`` = one learning rate. A training
+            setting: recorded in the adapter's header, not in adapter_config.json (PEFT's LoraConfig has no such
+            field).
     """
 
     r: int = 16
@@ -66,6 +71,7 @@ class LowRankConfig:
     compute_dtype: str = "bfloat16"
     quant_storage: str = "uint8"
     adapter_dtype: str = "float32"
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -113,6 +119,8 @@ class LowRankConfig:
             raise bad("quant_storage", self.quant_storage, f"one of {QUANT_STORAGES} (the model dtype for FSDP/ZeRO-3)")
         if not isinstance(self.double_quant, bool):
             raise bad("double_quant", self.double_quant, "True or False")
+        if self.loraplus_lr_ratio is not None and not _positive(self.loraplus_lr_ratio, (int, float)):
+            raise bad("loraplus_lr_ratio", self.loraplus_lr_ratio, "None or a finite positive number such as 16")
 
     @staticmethod
     def _check_names(name: str, value: Any, allow_none: bool) -> None:

@@ -47,6 +47,8 @@ MODULES, TRAINING = META + "modules", META + "training"
 CHECKSUM = META + "checksum"
 CONFIG_CHECKSUM = META + "config_checksum"
 LEGACY_CRC32 = META + "crc32"  # the checksum key of adapters saved by earlier development versions
+#: LoRA+'s learning-rate ratio (a training setting PEFT's config has no field for), when trained with it.
+LORAPLUS = META + "loraplus_lr_ratio"
 QUANT_FIELDS = ("quantization", "double_quant", "compute_dtype", "quant_storage")
 
 
@@ -149,7 +151,9 @@ def adapter_metadata(model: nn.Module, found: AdapterModules | None = None) -> d
     found = found or adapter_modules(model)
     shapes = {name: [layer.out_features, layer.in_features] for name, layer in found.layers}
     quant = {f: getattr(cfg, f) for f in QUANT_FIELDS} if cfg.quantization else {"quantization": None}
+    extra = {LORAPLUS: repr(float(cfg.loraplus_lr_ratio))} if cfg.loraplus_lr_ratio is not None else {}
     return {
+        **extra,
         "format": "pt",
         VERSION: __version__,
         BASE_MODEL: hub_model_id(getattr(hf_config, "_name_or_path", "")) or "",  # never a local path
@@ -228,6 +232,11 @@ def checksum_matches(metadata: dict[str, str], tensors: dict[str, torch.Tensor])
     if LEGACY_CRC32 in metadata:
         return metadata[LEGACY_CRC32] == _legacy_crc32(tensors)
     return True
+
+
+def recorded_loraplus(metadata: dict[str, str]) -> float | None:
+    """LoRA+'s ratio the header records (None when none). Raises `ValueError` when it is not a number."""
+    return float(metadata[LORAPLUS]) if LORAPLUS in metadata else None
 
 
 def recorded_quantization(metadata: dict[str, str]) -> dict[str, Any] | None:

@@ -43,6 +43,7 @@ from .format import (
     lora_module,
     model_key,
     peft_config_dict,
+    recorded_loraplus,
     recorded_quantization,
     tensor_checksum,
 )
@@ -296,6 +297,7 @@ def _config_overrides(peft_config: dict[str, Any], metadata: dict[str, str]) -> 
     overrides: dict[str, Any] = {"quantization": None}
     try:
         quant = recorded_quantization(metadata)
+        overrides["loraplus_lr_ratio"] = recorded_loraplus(metadata)
     except ValueError as e:
         raise AdapterError(f"header entry {e}: the adapter's metadata is damaged") from None
     overrides.update(quant or {})

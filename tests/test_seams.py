@@ -152,8 +152,9 @@ def test_training_arguments_record_explicit_fields():
 
 def test_every_patch_is_registered_with_a_reason_and_an_existing_test():
     hf_lowrank.enable(r=4)
-    assert set(registry.installed()) == set(registry.PATCHES)
-    assert len(registry.PATCHES) == 12
+    ours = {t for t, p in registry.PATCHES.items() if not p.group.startswith("trl")}  # TRL's: when TRL is imported
+    assert set(registry.installed()) >= ours
+    assert len(ours) == 13
     for target, patch in registry.PATCHES.items():
         assert len(patch.why) > 60, target
         path, _, name = patch.test.partition("::")
@@ -207,7 +208,7 @@ STOCK_RUN = """
     if PATCHED:
         import hf_lowrank
         hf_lowrank.enable(r=4)                        # every patch installed ...
-        assert len(hf_lowrank.integrations.installed()) == 12
+        assert len(hf_lowrank.integrations.installed()) == 13
         hf_lowrank.disable()                          # ... and all but the from_pretrained hook stay
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=128, n_positions=64))
