@@ -49,6 +49,10 @@ class LowRankConfig:
         quant_storage: dtype the packed 4-bit data is stored in. ``uint8`` by default; FSDP and ZeRO-3 can only shard
             the 4-bit weights when this equals the model dtype (hf_lowrank sets it by itself under those launches).
         adapter_dtype: dtype of the A and B weights (``float32`` keeps the optimizer exact, as PEFT does).
+        trainable_token_indices: rows of an embedding that train (and are saved) on their own, e.g. the ids of
+            tokens just added to the tokenizer: a list (rows of the input embedding, and of the output head when it
+            is tied to it) or ``{module name: list}`` (PEFT's matching). The embedding must already have those rows
+            (``resize_token_embeddings(len(tokenizer))`` and save the base first). PEFT's field of the same name.
         loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): η_B = ratio·η_A, e.g. 16. The Trainer's optimizer (our paged
             default or the user's ``optim``) gets B (and DoRA magnitudes, as PEFT's ``create_loraplus_optimizer``
             groups them) in parameter groups at ratio × the learning rate. ``None`` = one learning rate. A training
@@ -71,6 +75,7 @@ class LowRankConfig:
     compute_dtype: str = "bfloat16"
     quant_storage: str = "uint8"
     adapter_dtype: str = "float32"
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
@@ -119,6 +124,15 @@ class LowRankConfig:
             raise bad("quant_storage", self.quant_storage, f"one of {QUANT_STORAGES} (the model dtype for FSDP/ZeRO-3)")
         if not isinstance(self.double_quant, bool):
             raise bad("double_quant", self.double_quant, "True or False")
+        if self.trainable_token_indices is not None:
+            tti = self.trainable_token_indices
+            groups = tti.values() if isinstance(tti, dict) else [tti]
+            if not (isinstance(tti, (list, tuple, dict)) and all(isinstance(k, str) and k for k in
+                    (tti if isinstance(tti, dict) else []))) or not all(_token_list(g) for g in groups):
+                raise bad("trainable_token_indices", tti, "a non-empty list of distinct token ids such as [32000, "
+                          "32001], or {module name: such a list}")
+            self.trainable_token_indices = {k: list(v) for k, v in tti.items()} if isinstance(tti, dict) else \
+                list(tti)
         if self.loraplus_lr_ratio is not None and not _positive(self.loraplus_lr_ratio, (int, float)):
             raise bad("loraplus_lr_ratio", self.loraplus_lr_ratio, "None or a finite positive number such as 16")
 
@@ -176,6 +190,7 @@ class LowRankConfig:
             "use_rslora": self.use_rslora,
             "use_dora": False,
             "modules_to_save": self.modules_to_save,
+            "trainable_token_indices": self.trainable_token_indices,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "fan_in_fan_out": fan_in_fan_out,
@@ -205,12 +220,19 @@ class LowRankConfig:
             "rank_pattern": dict(d.get("rank_pattern") or {}),
             "alpha_pattern": dict(d.get("alpha_pattern") or {}),
             "modules_to_save": d.get("modules_to_save"),
+            "trainable_token_indices": d.get("trainable_token_indices"),
             "init": "gaussian" if init == "gaussian" else "kaiming",
         }
         if isinstance(fields["target_modules"], list | tuple | set):
             fields["target_modules"] = sorted(fields["target_modules"])
         fields.update(overrides)
         return cls(**fields)
+
+
+def _token_list(ids: Any) -> bool:
+    """A non-empty list of distinct non-negative ints."""
+    return (isinstance(ids, (list, tuple)) and len(ids) > 0 and len(set(ids)) == len(ids)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids))
 
 
 def _positive(value: Any, kind: type | tuple[type, ...]) -> bool:

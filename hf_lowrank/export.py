@@ -149,7 +149,8 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
     saved = files.saved_tensors()
     adapter = {**saved, **{f"{m}.lora_{w}.weight": t for m, ab in files.lora_tensors().items()
                            for w, t in ab.items()}}
-    known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved}
+    token_rows = files.token_rows()
+    known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved} | set(token_rows)
     # a QLoRA model was loaded with every float tensor in the compute dtype: reproduce that before folding
     load_dtype = getattr(torch, files.config.compute_dtype) if files.config.quantization else None
 
@@ -177,7 +178,7 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
                 tensors = {k: t.to(load_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
             merged = merge_state_dict(tensors, adapter, scalings, dtype, module_of=lambda k: lay.module_of(k, known),
                                       transposed=lay.conv1d, quantized=lay.quantized, dequantize=dequantize,
-                                      done=done)
+                                      token_rows=token_rows, done=done)
             del tensors
             if i == len(shards) - 1:  # saved modules the base checkpoint lacks (a new classification head)
                 merged.update({k: t.to(dtype) for k, t in saved.items() if k not in done})
@@ -323,16 +324,23 @@ def runtimes(files: AdapterFiles) -> dict[str, str]:
     pc = files.peft_config
     patterns = bool(pc.get("rank_pattern") or pc.get("alpha_pattern"))
     mts = pc.get("modules_to_save")
+    tokens = pc.get("trainable_token_indices")
     out = {"PEFT": "yes", "transformers (model.load_adapter)": "yes (through PEFT)"}
     if pc.get("use_dora"):
-        out["vLLM"] = "no: vLLM refuses DoRA"
+        out["vLLM"] = "no: vLLM refuses DoRA; merge instead"
+    elif tokens:
+        out["vLLM"] = "no: vLLM does not read trainable_token_indices (new-token rows); merge instead"
     elif mts:
         out["vLLM"] = f"no: vLLM refuses modules_to_save ({', '.join(mts)}); merge instead"
     elif patterns:
         out["vLLM"] = "not as is: vLLM applies one r and lora_alpha to every module; use --export-portable"
     else:
         out["vLLM"] = f"yes (start it with --max-lora-rank >= {max(r for r, _ in files.scalings().values())})"
-    if pc.get("use_rslora") or patterns:
+    if pc.get("use_dora"):
+        out["llama.cpp"] = "no: convert_lora_to_gguf has no DoRA magnitudes; merge instead"
+    elif tokens:
+        out["llama.cpp"] = "no: convert_lora_to_gguf does not carry trainable token rows; merge instead"
+    elif pc.get("use_rslora") or patterns:
         out["llama.cpp"] = "not as is: llama.cpp reads one lora_alpha (no rsLoRA, no patterns); use --export-portable"
     elif mts:
         out["llama.cpp"] = "partly: convert_lora_to_gguf ignores modules_to_save; merge instead"
@@ -368,6 +376,7 @@ def describe(files: AdapterFiles) -> str:
         f"targets         {', '.join(targets) if isinstance(targets, list) else targets}"
         f"  ({len(scalings)} modules)",
         f"modules_to_save {', '.join(pc.get('modules_to_save') or []) or '-'}",
+        f"trained tokens  {pc.get('trainable_token_indices') or '-'}",
         f"parameters      {n_params:,} ({', '.join(dtypes)})",
         f"bytes           {tensor_bytes:,} in tensors; {files.weights_path.stat().st_size:,} on disk",
         "runtimes:",

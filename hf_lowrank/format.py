@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import LowRankConfig
 from .inject import AdapterModules, adapter_modules
-from .layers import LORA_A, LORA_B, is_conv1d
+from .layers import LORA_A, LORA_B, TOKENS_KEY, is_conv1d
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,6 +71,11 @@ def lora_module(key: str) -> tuple[str, str] | None:
         if key.endswith("." + suffix):
             return key.removesuffix("." + suffix), which
     return None
+
+
+def token_module(key: str) -> str | None:
+    """The embedding's name for a trainable-token-rows key (`<module>.token_adapter.trainable_tokens_delta`)."""
+    return key.removesuffix("." + TOKENS_KEY) if key.endswith("." + TOKENS_KEY) else None
 
 
 #: model class name suffix → PEFT's task_type, and back to the transformers Auto class that builds it.
@@ -194,6 +199,8 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
 COMPUTED_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "exclude_modules",
                    "modules_to_save", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out",
                    "layers_to_transform", "task_type")
+#: computed fields added later: covered only when set, so adapters saved before them keep their checksum.
+LATER_COMPUTED_FIELDS = ("trainable_token_indices",)
 
 
 def config_checksum(peft_config: dict[str, Any]) -> str:
@@ -206,6 +213,7 @@ def config_checksum(peft_config: dict[str, Any]) -> str:
     import xxhash
 
     fields = {k: peft_config.get(k) for k in COMPUTED_FIELDS}
+    fields.update((k, peft_config[k]) for k in LATER_COMPUTED_FIELDS if peft_config.get(k) is not None)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return "xxh3_64:" + xxhash.xxh3_64(text.encode()).hexdigest()
 

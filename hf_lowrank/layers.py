@@ -182,6 +182,92 @@ class SavedModule(nn.Module):
         return f"disabled={self.disabled}"
 
 
+#: PEFT's name for the trained rows of an embedding (it holds the rows themselves, not a difference), and their key
+#: under the embedding's name in adapter files (PEFT's TrainableTokensWrapper layout).
+TOKENS_DELTA = "trainable_tokens_delta"
+TOKENS_KEY = "token_adapter." + TOKENS_DELTA
+
+
+class TrainableTokens(nn.Module):
+    """Trainable rows of a frozen embedding (`trainable_token_indices`, e.g. the rows of newly added tokens).
+
+        E' = E with rows i₁…i_k replaced by R (k×d, initialised to E[i₁…i_k]),   embed(x) = E'[x]
+
+    Only R trains and is saved (k·d values instead of vocab·d for `modules_to_save`); R is stored in the adapter
+    dtype and cast to the embedding's output dtype. Rows are looked up through a vocab-sized slot map, so no copy of
+    E is made per forward. An embedding that scales its output (`embed_scale`, Gemma) scales R's rows the same way.
+    Attributes the model reads through the wrapper (`weight`, `num_embeddings`...) are the frozen embedding's.
+    """
+
+    def __init__(self, base_layer: nn.Module, indices: list[int], dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        self.base_layer = base_layer
+        self.token_indices = list(indices)
+        index = torch.tensor(self.token_indices, dtype=torch.long, device=weight.device)
+        self.trainable_tokens_delta = nn.Parameter(weight.detach()[index].to(dtype).clone())  # (k, d)
+        slots = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slots[index] = torch.arange(len(index), device=weight.device)
+        self.register_buffer("slots", slots, persistent=False)  # (vocab,): row of R for a token, -1 for none
+        self.register_buffer("index", index, persistent=False)  # (k,)
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (…,) -> (…, d)
+        if self.disabled:
+            return out
+        slot = self.slots[x]  # (…,), -1 where the token keeps its frozen row
+        rows = F.embedding(slot.clamp(min=0), self.trainable_tokens_delta).to(out.dtype)  # (…, d)
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is not None:
+            rows = rows * scale.to(rows.dtype)
+        return torch.where((slot >= 0).unsqueeze(-1), rows, out)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.token_indices}, disabled={self.disabled}"
+
+
+class TiedTokenHead(nn.Module):
+    """The output head of a model whose head shares the embedding's weight, beside a `TrainableTokens` embedding:
+    the logits of the chosen tokens use the trained rows, as a tied head would.
+
+        logits = h·Eᵀ (+ b), with columns i₁…i_k replaced by h·Rᵀ (+ b[i₁…i_k])
+
+    R is the embedding's parameter (saved once, under the embedding's name); the head holds no parameter of its own.
+    """
+
+    def __init__(self, base_layer: nn.Module, tokens: TrainableTokens) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.__dict__["tokens"] = tokens  # not a submodule: its parameter belongs to the embedding
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(h)  # (…, d) -> (…, vocab)
+        if self.tokens.disabled:
+            return out
+        cols = F.linear(h, _cast(self.tokens.trainable_tokens_delta, h.dtype))  # (…, d) -> (…, k)
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            cols = cols + bias[self.tokens.index].to(cols.dtype)
+        return out.index_copy(-1, self.tokens.index, cols.to(out.dtype))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
 # ---- dropout on the adapter's input ---------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
     base tensors (checkpoint layout) ──► 4-bit layers: dequantize (what the adapter trained against)
                                      ──► + s·B·A in float32 ──► cast to the output dtype once
     adapter tensors (modules_to_save copies) ──► replace the base's tensors of the same key
+    trainable token rows R (k×d)             ──► replace rows i₁…i_k of the embedding's weight (a tied head follows)
 
 `merge_state_dict` is the fold. `merge(model)` feeds it an in-memory model (a plain 16-bit copy comes out), and
 `hf-lowrank merge` (`hf_lowrank.export`) feeds it a base checkpoint shard by shard; both give the same bits.
@@ -11,13 +12,23 @@ Nothing is ever requantized: a merged model is 16/32-bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .compat import from_config
-from .layers import LORA_A, LORA_B, LoraLinear, SavedModule, dense_weight, is_4bit, is_conv1d
+from .layers import (
+    LORA_A,
+    LORA_B,
+    LoraLinear,
+    SavedModule,
+    TiedTokenHead,
+    TrainableTokens,
+    dense_weight,
+    is_4bit,
+    is_conv1d,
+)
 
 
 def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -30,6 +41,7 @@ def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: Mapping[str, tor
                      module_of: Callable[[str], str] = lambda key: key.rsplit(".", 1)[0],
                      transposed: Collection[str] = (), quantized: Collection[str] = (),
                      dequantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     token_rows: Mapping[str, tuple[Sequence[int], torch.Tensor]] | None = None,
                      done: set[str] | None = None) -> dict[str, torch.Tensor]:
     """`base` with every adapter folded in, float tensors cast to `dtype`.
 
@@ -41,9 +53,12 @@ def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: Mapping[str, tor
         scalings: module name → s, for every adapted module.
         module_of: the model's module name for a checkpoint key (checkpoints of a bare base lack its prefix).
         quantized: modules whose weight goes through `dequantize` first (the 4-bit round trip of a QLoRA load).
+        token_rows: embedding module name → (row indices, their trained rows (k, d))
+            (`trainable_token_indices`), which replace those rows of `<module>.weight`.
         done: filled with the adapted modules and saved keys found, so the caller can tell what `base` lacked.
     """
     done = set() if done is None else done
+    token_rows = token_rows or {}
     out: dict[str, torch.Tensor] = {}
     for key, t in base.items():
         module = module_of(key)
@@ -59,6 +74,11 @@ def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: Mapping[str, tor
                 w = w + delta_weight(adapter[f"{module}.{LORA_A}"], adapter[f"{module}.{LORA_B}"], scalings[module])
                 done.add(module)
             t = w.T if module in transposed else w
+        elif key.endswith(".weight") and module in token_rows:
+            ids, rows = token_rows[module]
+            t = t.clone()
+            t[torch.as_tensor(list(ids), dtype=torch.long)] = rows.to(t.dtype)
+            done.add(module)
         out[key] = t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
     return out
 
@@ -81,8 +101,8 @@ def merge(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module
         del plain_config.quantization_config
     plain_config.dtype = str(dtype).removeprefix("torch.")
     merged = from_config(type(model), plain_config, dtype)
-    base, adapter, scalings, transposed = _model_tensors(model, dict(merged.named_modules()))
-    state = merge_state_dict(base, adapter, scalings, dtype, transposed=transposed)
+    base, adapter, scalings, transposed, token_rows = _model_tensors(model, dict(merged.named_modules()))
+    state = merge_state_dict(base, adapter, scalings, dtype, transposed=transposed, token_rows=token_rows)
     missing, unexpected = merged.load_state_dict(state, strict=False)
     tied = set(getattr(merged, "all_tied_weights_keys", {}) or {})
     missing = [k for k in missing if k not in tied]
@@ -93,7 +113,7 @@ def merge(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module
 
 
 def _model_tensors(model: nn.Module, layout: Mapping[str, nn.Module]):
-    """(base, adapter, scalings, transposed) of an in-memory model, for `merge_state_dict`.
+    """(base, adapter, scalings, transposed, token_rows) of an in-memory model, for `merge_state_dict`.
 
     Base weights of LoRA and 4-bit layers are taken dense (4-bit ones dequantized) and keyed as in the plain model
     (`<module>.weight`), in the layout of the module of that name in `layout` (the plain model they are meant for):
@@ -103,6 +123,7 @@ def _model_tensors(model: nn.Module, layout: Mapping[str, nn.Module]):
     adapter: dict[str, torch.Tensor] = {}
     scalings: dict[str, float] = {}
     transposed: set[str] = set()
+    token_rows: dict[str, tuple[list[int], torch.Tensor]] = {}
     handled: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(h + ".") for h in handled):
@@ -110,6 +131,13 @@ def _model_tensors(model: nn.Module, layout: Mapping[str, nn.Module]):
         if isinstance(module, SavedModule):  # the trained copy, under the module's own name
             handled.append(name)
             base.update((f"{name}.{k}", t) for k, t in module.trainable.state_dict().items())
+            continue
+        if isinstance(module, TrainableTokens | TiedTokenHead):  # a tied head's weight is the embedding's
+            handled.append(name)
+            own = module.base_layer.state_dict().items()
+            base.update((f"{name}.{k}", t) for k, t in own if isinstance(module, TrainableTokens) or k != "weight")
+            if isinstance(module, TrainableTokens) and not module.disabled:
+                token_rows[name] = (module.token_indices, module.trainable_tokens_delta.detach())
             continue
         if isinstance(module, LoraLinear):
             src = module.base_layer
@@ -132,4 +160,4 @@ def _model_tensors(model: nn.Module, layout: Mapping[str, nn.Module]):
     for key, t in model.state_dict().items():
         if not any(key.startswith(h + ".") for h in handled):
             base[key] = t
-    return base, adapter, scalings, transposed
+    return base, adapter, scalings, transposed, token_rows

@@ -46,10 +46,11 @@ from .format import (
     recorded_loraplus,
     recorded_quantization,
     tensor_checksum,
+    token_module,
 )
-from .inject import AdapterModules, adapter_modules, inject, mark_trainable, resolve_targets
-from .layers import layer_features
-from .patterns import PatternError
+from .inject import AdapterModules, adapter_modules, inject, mark_trainable, resolve_targets, token_targets
+from .layers import TOKENS_KEY, layer_features
+from .patterns import PatternError, name_matches
 
 logger = logging.getLogger("hf_lowrank")
 
@@ -158,7 +159,19 @@ class AdapterFiles:
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """modules_to_save copies: model key → tensor."""
-        return {model_key(k): t for k, t in self.tensors.items() if lora_module(model_key(k)) is None}
+        return {model_key(k): t for k, t in self.tensors.items()
+                if lora_module(model_key(k)) is None and token_module(model_key(k)) is None}
+
+    def token_rows(self) -> dict[str, tuple[list[int], torch.Tensor]]:
+        """{embedding module: (row indices, trained rows (k, d))} for `trainable_token_indices`."""
+        spec, out = self.config.trainable_token_indices, {}
+        for key, t in self.tensors.items():
+            module = token_module(model_key(key))
+            if module is not None:
+                ids = spec if isinstance(spec, list) else next(
+                    (v for k, v in (spec or {}).items() if name_matches([k], module)), [])
+                out[module] = (list(ids), t)
+        return out
 
     def scalings(self) -> dict[str, tuple[int, float]]:
         """{module: (rank, scaling)} as the adapter's layers apply them (ranks from the tensors themselves)."""
@@ -330,6 +343,8 @@ def expected_shapes(model: nn.Module, config: LowRankConfig,
             r = config.rank_for(name)
             shapes[f"{name}.lora_A.weight"] = (r, in_f)
             shapes[f"{name}.lora_B.weight"] = (out_f, r)
+        for name, ids in token_targets(model, config).items():
+            shapes[f"{name}.{TOKENS_KEY}"] = (len(ids), model.get_submodule(name).weight.shape[1])
     return shapes
 
 
@@ -376,7 +391,8 @@ def load_adapter(model: nn.Module, src: str | os.PathLike | AdapterFiles) -> nn.
     else:  # the layers are there already: take the file's scaling and saved modules, keep our quantization settings
         model.lowrank_config = model.lowrank_config.replace(
             r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, rank_pattern=dict(cfg.rank_pattern),
-            alpha_pattern=dict(cfg.alpha_pattern), modules_to_save=cfg.modules_to_save)
+            alpha_pattern=dict(cfg.alpha_pattern), modules_to_save=cfg.modules_to_save,
+            trainable_token_indices=cfg.trainable_token_indices)
         mark_trainable(model, found)
     for name, layer in found.layers:
         layer.set_scaling(cfg.alpha_for(name), cfg.use_rslora)

@@ -6,6 +6,7 @@ adapter file's real size, outputs equal to PEFT's (with a check that the adapter
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -72,8 +73,9 @@ def test_loraplus_groups_paged_default_and_explicit_optim(tiny_llama, tmp_path):
     assert _group_lrs(plain) == {"A": {1e-3}, "B": {1e-3}}
 
 
-def test_loraplus_resume_matches_uninterrupted(tiny_llama, tmp_path):
-    hf_lowrank.enable(r=4, quantization=None, loraplus_lr_ratio=16, lora_dropout=0.0)
+def test_loraplus_and_token_rows_resume_matches_uninterrupted(tiny_llama, tmp_path):
+    """Checkpoints hold the token rows beside A and B, and resuming (optimizer groups included) is exact."""
+    hf_lowrank.enable(r=4, quantization=None, loraplus_lr_ratio=16, lora_dropout=0.0, trainable_token_indices=[1, 2])
 
     def run(out, resume=None, **kw):
         torch.manual_seed(0)
@@ -84,7 +86,110 @@ def test_loraplus_resume_matches_uninterrupted(tiny_llama, tmp_path):
 
     full = run(tmp_path / "full", save_strategy="steps", save_steps=2)
     resumed = run(tmp_path / "again", resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert "model.embed_tokens.token_adapter.trainable_tokens_delta" in full
     halfway = read_adapter(tmp_path / "full" / "checkpoint-2").tensors
     assert any(not torch.equal(t, full[k.removeprefix("base_model.model.")]) for k, t in halfway.items())
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6)
+
+
+# ---- trainable new-token rows ---------------------------------------------------------------------------------
+
+
+def _tokenizer_with_new_tokens():
+    """A 256-word tokenizer with 3 special tokens added (ids 256, 257, 258)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
+    hf.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>", "<think>"]})
+    return hf
+
+
+def _resized_base(path, tie: bool, n_tokens: int) -> str:
+    from conftest import llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(tie_word_embeddings=tie))
+    model.resize_token_embeddings(n_tokens, mean_resizing=False)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _file_bytes(folder) -> int:
+    return (folder / "adapter_model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainable_tokens_small_file_and_peft_both_ways(tmp_path, tie, capsys):
+    from peft import PeftModel
+
+    tok = _tokenizer_with_new_tokens()
+    new = tok.convert_tokens_to_ids(["<tool>", "</tool>", "<think>"])
+    assert new == [256, 257, 258] and len(tok) == 259
+    base = _resized_base(tmp_path / "base", tie, len(tok))
+    case = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], quantization=None, lora_dropout=0.0)
+    ours = hf_lowrank.from_pretrained(AutoModelForCausalLM, base, LowRankConfig(**case, trainable_token_indices=new))
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad and "lora_" not in n) == [
+        "model.embed_tokens.trainable_tokens_delta"]
+    x = torch.tensor([tok.encode("w5 <tool> w7 w9 </tool> w1 <think> w3")])
+    assert set(new) <= set(x[0].tolist())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in hf_lowrank.lora_layers(ours):
+            layer.lora_B.weight.normal_(0, 0.05)
+        ours.model.embed_tokens.trainable_tokens_delta.normal_(0, 0.1)
+    ours.eval()
+    got = ours(x).logits
+    with hf_lowrank.disabled_adapters(ours):
+        before = ours(x).logits
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    torch.testing.assert_close(before, plain(x).logits, rtol=0, atol=1e-6)  # disabled = the base exactly
+    assert (got - before).abs().max() > 0.1  # the adapter (rows included) changes the output
+    if tie:  # the head's logits for the new tokens use the trained rows
+        h = ours.model(x).last_hidden_state
+        torch.testing.assert_close(got[..., new], h @ ours.model.embed_tokens.trainable_tokens_delta.T)
+
+    # the file holds 3 rows, not the embedding: about 3 × hidden × 4 bytes more than the LoRA tensors alone
+    ours.save_pretrained(tmp_path / "ours")
+    lora_only = hf_lowrank.from_pretrained(AutoModelForCausalLM, base, LowRankConfig(**case))
+    lora_only.save_pretrained(tmp_path / "lora_only")
+    grown = _file_bytes(tmp_path / "ours") - _file_bytes(tmp_path / "lora_only")
+    assert 3 * 128 * 4 <= grown <= 3 * 128 * 4 + 400, grown  # + the key, its header entry and the config checksum
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
+        assert list(f.get_slice("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta")
+                    .get_shape()) == [3, 128]
+
+    # PEFT reads ours with equal outputs; we read PEFT's with equal outputs
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(theirs(x).logits, got, rtol=1e-5, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "peft")
+    back = AutoModelForCausalLM.from_pretrained(base)
+    hf_lowrank.load_adapter(back, tmp_path / "peft")
+    torch.testing.assert_close(back.eval()(x).logits, got, rtol=1e-5, atol=1e-5)
+    # our load of our file, and the merge into a plain 16-bit model
+    again = hf_lowrank.load(AutoModelForCausalLM, tmp_path / "ours").eval()
+    torch.testing.assert_close(again(x).logits, got, rtol=0, atol=1e-6)
+    merged = hf_lowrank.merge(ours)
+    assert not any(isinstance(m, hf_lowrank.layers.TrainableTokens) for m in merged.modules())
+    torch.testing.assert_close(merged(x).logits, got, rtol=1e-5, atol=1e-5)
+    # `hf-lowrank merge` (the checkpoint, tensor by tensor) gives the same model; `inspect` names the rows
+    from hf_lowrank.export import inspect_main, merge_main
+
+    assert merge_main([str(tmp_path / "ours"), "--base", base, "--output", str(tmp_path / "merged"),
+                       "--dtype", "float32", "--no-drift"]) == 0
+    from_cli = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(from_cli(x).logits, got, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert inspect_main([str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert "trained tokens  [256, 257, 258]" in out and "vLLM" in out and "trainable_token_indices" in out
+
+
+def test_trainable_tokens_past_the_embedding_say_resize(tiny_llama):
+    with pytest.raises(ValueError, match=r"token 300 is past 'model.embed_tokens'.s 256 rows.*resize_token_embeddings"):
+        hf_lowrank.from_pretrained(AutoModelForCausalLM, tiny_llama,
+                                   LowRankConfig(r=4, quantization=None, trainable_token_indices=[5, 300]))
