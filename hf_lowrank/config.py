@@ -49,6 +49,9 @@ class LowRankConfig:
         quant_storage: dtype the packed 4-bit data is stored in. ``uint8`` by default; FSDP and ZeRO-3 can only shard
             the 4-bit weights when this equals the model dtype (hf_lowrank sets it by itself under those launches).
         adapter_dtype: dtype of the A and B weights (``float32`` keeps the optimizer exact, as PEFT does).
+        use_dora: DoRA, weight-decomposed LoRA: a trainable magnitude per output row rescales W0 + s·B·A to unit
+            row norms (`hf_lowrank.layers`); on nn.Linear, Conv1D and Linear4bit (the norm from the dequantized
+            weight each forward, never kept). PEFT's field of the same name; vLLM and llama.cpp refuse it (merge).
         trainable_token_indices: rows of an embedding that train (and are saved) on their own, e.g. the ids of
             tokens just added to the tokenizer: a list (rows of the input embedding, and of the output head when it
             is tied to it) or ``{module name: list}`` (PEFT's matching). The embedding must already have those rows
@@ -75,6 +78,7 @@ class LowRankConfig:
     compute_dtype: str = "bfloat16"
     quant_storage: str = "uint8"
     adapter_dtype: str = "float32"
+    use_dora: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loraplus_lr_ratio: float | None = None
 
@@ -124,6 +128,8 @@ class LowRankConfig:
             raise bad("quant_storage", self.quant_storage, f"one of {QUANT_STORAGES} (the model dtype for FSDP/ZeRO-3)")
         if not isinstance(self.double_quant, bool):
             raise bad("double_quant", self.double_quant, "True or False")
+        if not isinstance(self.use_dora, bool):
+            raise bad("use_dora", self.use_dora, "True or False")
         if self.trainable_token_indices is not None:
             tti = self.trainable_token_indices
             groups = tti.values() if isinstance(tti, dict) else [tti]
@@ -188,7 +194,7 @@ class LowRankConfig:
             "exclude_modules": self.exclude_modules,
             "bias": "none",
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "modules_to_save": self.modules_to_save,
             "trainable_token_indices": self.trainable_token_indices,
             "rank_pattern": dict(self.rank_pattern),
@@ -203,8 +209,6 @@ class LowRankConfig:
     def from_peft_dict(cls, d: dict[str, Any], **overrides: Any) -> LowRankConfig:
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"adapter_config.json has peft_type={d.get('peft_type')!r}; hf_lowrank reads LORA only.")
-        if d.get("use_dora"):
-            raise ValueError("adapter_config.json has use_dora=true; hf_lowrank does not implement DoRA.")
         if d.get("bias", "none") != "none":
             raise ValueError(f"adapter_config.json has bias={d['bias']!r}; hf_lowrank supports bias='none' only.")
         if d.get("layers_to_transform") is not None:
@@ -217,6 +221,7 @@ class LowRankConfig:
             "target_modules": d.get("target_modules") or "all-linear",
             "exclude_modules": d.get("exclude_modules"),
             "use_rslora": bool(d.get("use_rslora", False)),
+            "use_dora": bool(d.get("use_dora", False)),
             "rank_pattern": dict(d.get("rank_pattern") or {}),
             "alpha_pattern": dict(d.get("alpha_pattern") or {}),
             "modules_to_save": d.get("modules_to_save"),

@@ -39,6 +39,7 @@ from .format import (
     AdapterError,
     recorded_quantization,
 )
+from .layers import LORA_MAGNITUDE
 from .loading import read
 from .merge import merge_state_dict
 from .state import AdapterFiles, check_adapter, write_adapter_files
@@ -148,7 +149,8 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
     scalings = {m: s for m, (_, s) in files.scalings().items()}
     saved = files.saved_tensors()
     adapter = {**saved, **{f"{m}.lora_{w}.weight": t for m, ab in files.lora_tensors().items()
-                           for w, t in ab.items()}}
+                           for w, t in ab.items()},
+               **{f"{m}.{LORA_MAGNITUDE}": t for m, t in files.magnitudes().items()}}
     token_rows = files.token_rows()
     known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved} | set(token_rows)
     # a QLoRA model was loaded with every float tensor in the compute dtype: reproduce that before folding
@@ -420,7 +422,7 @@ def portable(files: AdapterFiles) -> tuple[dict[str, torch.Tensor], dict[str, An
 def export_portable(files: AdapterFiles, out: Path) -> Path:
     if files.peft_config.get("use_dora"):
         raise AdapterError(f"{files.config_path}: DoRA adapters have no single-alpha form (the magnitude vector "
-                           "rescales each output); merge the adapter with PEFT instead")
+                           "rescales each output); merge the adapter instead (hf-lowrank merge)")
     tensors, config = portable(files)
     changed = (CHECKSUM, CONFIG_CHECKSUM, LEGACY_CRC32)  # B and the config change: write_adapter_files recomputes
     metadata = {k: v for k, v in files.metadata.items() if k not in changed}

@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import LowRankConfig
 from .inject import AdapterModules, adapter_modules
-from .layers import LORA_A, LORA_B, TOKENS_KEY, is_conv1d
+from .layers import LORA_A, LORA_B, LORA_MAGNITUDE, TOKENS_KEY, is_conv1d
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,6 +71,11 @@ def lora_module(key: str) -> tuple[str, str] | None:
         if key.endswith("." + suffix):
             return key.removesuffix("." + suffix), which
     return None
+
+
+def magnitude_module(key: str) -> str | None:
+    """The LoRA layer's name for a DoRA magnitude key (`<module>.lora_magnitude_vector`)."""
+    return key.removesuffix("." + LORA_MAGNITUDE) if key.endswith("." + LORA_MAGNITUDE) else None
 
 
 def token_module(key: str) -> str | None:

@@ -18,6 +18,7 @@ from .config import LowRankConfig
 from .layers import (
     LORA_A,
     LORA_B,
+    LORA_MAGNITUDE,
     TOKENS_DELTA,
     TOKENS_KEY,
     LoraLinear,
@@ -62,6 +63,8 @@ class AdapterModules:
         for name, layer in self.layers:
             out[f"{name}.{LORA_A}"] = (f"{name}.{LORA_A}", layer.lora_A.weight)
             out[f"{name}.{LORA_B}"] = (f"{name}.{LORA_B}", layer.lora_B.weight)
+            if layer.lora_magnitude_vector is not None:
+                out[f"{name}.{LORA_MAGNITUDE}"] = (f"{name}.{LORA_MAGNITUDE}", layer.lora_magnitude_vector)
         for name, module in self.saved:
             inner, prefix = (module.trainable, f"{name}.trainable") if isinstance(module, SavedModule) else \
                 (module, name)
@@ -218,7 +221,7 @@ def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         layer = LoraLinear(base, r=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.lora_dropout,
-                           use_rslora=config.use_rslora, init=config.init, dtype=dtype)
+                           use_rslora=config.use_rslora, init=config.init, dtype=dtype, use_dora=config.use_dora)
         layer.train(base.training)  # from_pretrained returns models in eval mode; dropout must follow
         setattr(parent, child, layer)
 

@@ -8,6 +8,15 @@
 
 B starts at zero, so a fresh adapter leaves the base output unchanged; gradients reach only A and B:
 g_B = (α/r)·g_ΔW·Aᵀ and g_A = (α/r)·Bᵀ·g_ΔW, where g_ΔW = Gᵀx for an upstream gradient G.
+
+DoRA (weight-decomposed LoRA, Liu et al. 2024; ``use_dora=True``) adds a trainable magnitude m (out,):
+
+          y = m ⊙ (W0 + s·B·A)·x / ‖W0 + s·B·A‖ + b,   ‖·‖ the norm of each output row (the paper's column norm)
+            = g ⊙ (W0·x) + g ⊙ s·B·A·x + b,            g = m / ‖W0 + s·B·A‖ (out,)
+
+m starts at ‖W0‖, so a fresh adapter again leaves the output unchanged. The norm is treated as a constant (no
+gradient through it, section 4.3 of the paper, as PEFT does) and recomputed every forward from the dense weight
+(dequantized for Linear4bit) under no_grad; it is never stored.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from .compat import shield_cpu_repack
 
 #: the adapter's parameter names inside a LoRA layer, as PEFT's files key them (`<module>.lora_A.weight`).
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+#: DoRA's magnitude vector m (out,), PEFT's name (`<module>.lora_magnitude_vector`).
+LORA_MAGNITUDE = "lora_magnitude_vector"
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -61,11 +72,12 @@ class LoraLinear(nn.Module):
         dropout: dropout probability on the adapter's input (0 = no dropout module at all).
         use_rslora: use α/√r instead of α/r.
         init: ``"kaiming"`` (A Kaiming-uniform like nn.Linear) or ``"gaussian"`` (A ~ N(0, 1/r)); B is zero.
-        dtype: storage dtype of A and B.
+        dtype: storage dtype of A and B (and of DoRA's m).
+        use_dora: add DoRA's magnitude vector ``lora_magnitude_vector`` (see the module docstring).
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming", dtype: torch.dtype = torch.float32) -> None:
+                 init: str = "kaiming", dtype: torch.dtype = torch.float32, use_dora: bool = False) -> None:
         super().__init__()
         in_features, out_features = layer_features(base_layer)
         device = _device_of(base_layer)
@@ -77,6 +89,8 @@ class LoraLinear(nn.Module):
         self.set_scaling(alpha, use_rslora)
         self.merged = False
         self.disabled = False
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)) \
+            if use_dora else None
         self.reset_parameters(init)
         shield_cpu_repack(base_layer)
 
@@ -91,6 +105,8 @@ class LoraLinear(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_magnitude_vector is not None:
+            self.lora_magnitude_vector.copy_(self.weight_norm(torch.float32))  # m = ‖W0‖ since B = 0
 
     @property
     def in_features(self) -> int:
@@ -106,7 +122,19 @@ class LoraLinear(nn.Module):
             return out
         x_in, keep_scale = dropout_unscaled(self.dropout, x)
         a = self.lora_A(x_in)  # (…, in) -> (…, r)
-        return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
+        if self.lora_magnitude_vector is None:
+            return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
+        g = (self.lora_magnitude_vector / self.weight_norm(x.dtype)).to(out.dtype)  # (out,)
+        bias = getattr(self.base_layer, "bias", None)
+        w0x = out - bias.to(out.dtype) if bias is not None else out  # (…, out)
+        lora = F.linear(_cast(a, out.dtype), _cast(self.lora_B.weight, out.dtype))  # (…, r) -> (…, out)
+        return out + (g - 1) * w0x + g * lora * (self.scaling * keep_scale)  # = g⊙W0x + g⊙s·BAx + b
+
+    @torch.no_grad()
+    def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output row (out,), in `dtype`, without a gradient (DoRA's constant denominator)."""
+        w = dense_weight(self.base_layer, dtype)  # (out, in), dequantized for 4-bit: a temporary
+        return torch.linalg.norm(w + self.delta_weight().to(dtype), dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·A, shape (out, in), in the adapter dtype."""
@@ -136,13 +164,23 @@ class LoraLinear(nn.Module):
                 "with the deltas folded onto the dequantized weights."
             )
         weight = self.base_layer.weight
+        conv = is_conv1d(self.base_layer)
+        if self.lora_magnitude_vector is not None:  # W' = g ⊙ (W0 + ΔW); back: W0 = W'/g - ΔW
+            if sign > 0:
+                self._dora_g = (self.lora_magnitude_vector / self.weight_norm(torch.float32)).unsqueeze(1)  # (out, 1)
+            w = dense_weight(self.base_layer, torch.float32)
+            w = (w + self.delta_weight().float()) * self._dora_g if sign > 0 else w / self._dora_g - \
+                self.delta_weight().float()
+            weight.copy_((w.T if conv else w).to(weight.dtype))
+            return
         delta = self.delta_weight().to(weight.dtype)
-        if is_conv1d(self.base_layer):
+        if conv:
             delta = delta.T  # Conv1D stores (in, out)
         weight.add_(sign * delta)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}"
+        dora = ", dora=True" if self.lora_magnitude_vector is not None else ""
+        return f"r={self.r}, scaling={self.scaling:g}{dora}, merged={self.merged}, disabled={self.disabled}"
 
 
 class SavedModule(nn.Module):

@@ -1,7 +1,8 @@
 """One merge: fold each adapter's ΔW = s·B·A into its base weight, over a state dict.
 
     base tensors (checkpoint layout) ──► 4-bit layers: dequantize (what the adapter trained against)
-                                     ──► + s·B·A in float32 ──► cast to the output dtype once
+                                     ──► + s·B·A in float32 ──► DoRA: × m / ‖W0 + s·B·A‖ per row
+                                     ──► cast to the output dtype once
     adapter tensors (modules_to_save copies) ──► replace the base's tensors of the same key
     trainable token rows R (k×d)             ──► replace rows i₁…i_k of the embedding's weight (a tied head follows)
 
@@ -21,6 +22,7 @@ from .compat import from_config
 from .layers import (
     LORA_A,
     LORA_B,
+    LORA_MAGNITUDE,
     LoraLinear,
     SavedModule,
     TiedTokenHead,
@@ -48,8 +50,9 @@ def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: Mapping[str, tor
     Args:
         base: checkpoint key → tensor, weights as their modules store them ((in, out) for the modules in
             `transposed`, GPT-2's Conv1D; (out, in) otherwise).
-        adapter: model-relative keys: `<module>.lora_A.weight` / `.lora_B.weight` for each module in `scalings`,
-            and full tensors of `modules_to_save` (`<module>.weight`), which replace the base's.
+        adapter: model-relative keys: `<module>.lora_A.weight` / `.lora_B.weight` for each module in `scalings`
+            (and `.lora_magnitude_vector` for DoRA's), and full tensors of `modules_to_save` (`<module>.weight`),
+            which replace the base's.
         scalings: module name → s, for every adapted module.
         module_of: the model's module name for a checkpoint key (checkpoints of a bare base lack its prefix).
         quantized: modules whose weight goes through `dequantize` first (the 4-bit round trip of a QLoRA load).
@@ -72,6 +75,9 @@ def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: Mapping[str, tor
                 w = dequantize(w)
             if module in scalings:
                 w = w + delta_weight(adapter[f"{module}.{LORA_A}"], adapter[f"{module}.{LORA_B}"], scalings[module])
+                m = adapter.get(f"{module}.{LORA_MAGNITUDE}")
+                if m is not None:  # DoRA: rows rescaled to the trained magnitudes
+                    w = w * (m.float() / torch.linalg.norm(w, dim=1)).unsqueeze(1)  # (out, in) × (out, 1)
                 done.add(module)
             t = w.T if module in transposed else w
         elif key.endswith(".weight") and module in token_rows:
@@ -144,6 +150,8 @@ def _model_tensors(model: nn.Module, layout: Mapping[str, nn.Module]):
             if not module.merged:
                 adapter[f"{name}.{LORA_A}"] = module.lora_A.weight
                 adapter[f"{name}.{LORA_B}"] = module.lora_B.weight
+                if module.lora_magnitude_vector is not None:
+                    adapter[f"{name}.{LORA_MAGNITUDE}"] = module.lora_magnitude_vector
                 scalings[name] = module.scaling
         elif is_4bit(module):
             src = module

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hf_lowrank
+import hf_lowrank.state
 from hf_lowrank import LowRankConfig
 from hf_lowrank.inject import adapter_modules
 from hf_lowrank.state import read_adapter
@@ -193,3 +194,80 @@ def test_trainable_tokens_past_the_embedding_say_resize(tiny_llama):
     with pytest.raises(ValueError, match=r"token 300 is past 'model.embed_tokens'.s 256 rows.*resize_token_embeddings"):
         hf_lowrank.from_pretrained(AutoModelForCausalLM, tiny_llama,
                                    LowRankConfig(r=4, quantization=None, trainable_token_indices=[5, 300]))
+
+
+# ---- DoRA -----------------------------------------------------------------------------------------------------
+
+DORA_CASES = {"llama-fp32": ("llama", "fp32"), "llama-nf4": ("llama", "nf4"), "gpt2-conv1d": ("gpt2", "fp32")}
+
+
+def _dora_cfg(kind: str, base: str) -> LowRankConfig:
+    targets = ["q_proj", "v_proj", "down_proj"] if kind == "llama" else ["c_attn", "c_proj"]
+    return LowRankConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, lora_dropout=0.0,
+                         quantization="nf4" if base == "nf4" else None, compute_dtype="float32")
+
+
+def _randomise_dora(named_parameters, seed: int = 1) -> None:
+    """Random B (std 0.05) and magnitudes scaled by 1 ± 0.2, so the DoRA terms matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in named_parameters:
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("case", list(DORA_CASES))
+def test_dora_matches_peft_both_ways_and_merges(tiny_llama, tiny_gpt2, tmp_path, case):
+    from conftest import tokens
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from test_interop import assert_same, base_model, logits
+
+    kind, base = DORA_CASES[case]
+    path = tiny_llama if kind == "llama" else tiny_gpt2
+    x = tokens()
+    ours = hf_lowrank.from_pretrained(AutoModelForCausalLM, path, _dora_cfg(kind, base))
+    layers = list(hf_lowrank.lora_layers(ours))
+    assert layers and all(layer.lora_magnitude_vector is not None for _, layer in layers)
+    with hf_lowrank.disabled_adapters(ours):
+        base_out = logits(ours, x)
+    torch.testing.assert_close(logits(ours, x), base_out, rtol=0, atol=1e-5)  # m = ‖W0‖: a fresh adapter is a no-op
+    ours.train()
+    ours(x, labels=x).loss.backward()
+    assert all(layer.lora_magnitude_vector.grad is not None and layer.lora_magnitude_vector.grad.abs().sum() > 0
+               for _, layer in layers)
+    ours.zero_grad()
+    _randomise_dora(ours.named_parameters())
+    expected = logits(ours, x)
+
+    # PEFT reads ours
+    hf_lowrank.state.save_adapter(ours, tmp_path / "ours")
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
+        assert sum(k.endswith(".lora_magnitude_vector") for k in f.keys()) == len(layers)  # noqa: SIM118
+    theirs = PeftModel.from_pretrained(base_model(AutoModelForCausalLM, path, base), str(tmp_path / "ours"))
+    assert_same(logits(theirs, x), expected, base_out)
+
+    # we read PEFT's own DoRA adapter
+    cfg = _dora_cfg(kind, base)
+    peft_model = get_peft_model(base_model(AutoModelForCausalLM, path, base),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=cfg.target_modules, use_dora=True,
+                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
+    _randomise_dora(peft_model.named_parameters(), seed=2)
+    peft_out = logits(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "peft")
+    back = hf_lowrank.from_pretrained(AutoModelForCausalLM, path, cfg)
+    hf_lowrank.load_adapter(back, tmp_path / "peft")
+    assert_same(logits(back, x), peft_out, base_out)
+
+    # merged into a plain 16/32-bit copy: the same outputs, no LoRA layer left
+    merged = hf_lowrank.merge(ours, torch.float32)
+    assert not list(hf_lowrank.lora_layers(merged))
+    assert_same(logits(merged, x), expected, base_out, tol=1e-4)
+    # and merged in place (16-bit bases), then taken out again exactly
+    if base != "nf4":
+        for _, layer in layers:
+            layer.merge()
+        assert_same(logits(ours, x), expected, base_out, tol=1e-4)
+        with hf_lowrank.disabled_adapters(ours):
+            torch.testing.assert_close(logits(ours, x), base_out, rtol=1e-5, atol=1e-5)
