@@ -52,6 +52,18 @@ class LowRankConfig:
         fused_loss: for a causal LM, compute the training loss as a chunked linear + cross-entropy that never holds
             the (batch, sequence, vocab) logits (`hf_lowrank.fused_lm`); training forwards given ``labels`` then
             return ``logits=None``. Evaluation and generation are unchanged; unsupported models keep the stock path.
+        use_dora: DoRA, weight-decomposed LoRA: a trainable magnitude per output row rescales W0 + s·B·A to unit
+            row norms (`hf_lowrank.layers`); on nn.Linear, Conv1D and Linear4bit (the norm from the dequantized
+            weight each forward, never kept). PEFT's field of the same name; vLLM and llama.cpp refuse it (merge).
+        trainable_token_indices: rows of an embedding that train (and are saved) on their own, e.g. the ids of
+            tokens just added to the tokenizer: a list (rows of the input embedding, and of the output head when it
+            is tied to it) or ``{module name: list}`` (PEFT's matching). The embedding must already have those rows
+            (``resize_token_embeddings(len(tokenizer))`` and save the base first). PEFT's field of the same name.
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): η_B = ratio·η_A, e.g. 16. The Trainer's optimizer (our paged
+            default or the user's ``optim``) gets B (and DoRA magnitudes, as PEFT's ``create_loraplus_optimizer``
+            groups them) in parameter groups at ratio × the learning rate. ``None`` = one learning rate. A training
+            setting: recorded in the adapter's header, not in adapter_config.json (PEFT's LoraConfig has no such
+            field).
     """
 
     r: int = 16
@@ -70,6 +82,9 @@ class LowRankConfig:
     quant_storage: str = "uint8"
     adapter_dtype: str = "float32"
     fused_loss: bool = True
+    use_dora: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -119,6 +134,19 @@ class LowRankConfig:
             raise bad("double_quant", self.double_quant, "True or False")
         if not isinstance(self.fused_loss, bool):
             raise bad("fused_loss", self.fused_loss, "True or False")
+        if not isinstance(self.use_dora, bool):
+            raise bad("use_dora", self.use_dora, "True or False")
+        if self.trainable_token_indices is not None:
+            tti = self.trainable_token_indices
+            groups = tti.values() if isinstance(tti, dict) else [tti]
+            if not (isinstance(tti, (list, tuple, dict)) and all(isinstance(k, str) and k for k in
+                    (tti if isinstance(tti, dict) else []))) or not all(_token_list(g) for g in groups):
+                raise bad("trainable_token_indices", tti, "a non-empty list of distinct token ids such as [32000, "
+                          "32001], or {module name: such a list}")
+            self.trainable_token_indices = {k: list(v) for k, v in tti.items()} if isinstance(tti, dict) else \
+                list(tti)
+        if self.loraplus_lr_ratio is not None and not _positive(self.loraplus_lr_ratio, (int, float)):
+            raise bad("loraplus_lr_ratio", self.loraplus_lr_ratio, "None or a finite positive number such as 16")
 
     @staticmethod
     def _check_names(name: str, value: Any, allow_none: bool) -> None:
@@ -172,8 +200,9 @@ class LowRankConfig:
             "exclude_modules": self.exclude_modules,
             "bias": "none",
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "modules_to_save": self.modules_to_save,
+            "trainable_token_indices": self.trainable_token_indices,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "fan_in_fan_out": fan_in_fan_out,
@@ -186,8 +215,6 @@ class LowRankConfig:
     def from_peft_dict(cls, d: dict[str, Any], **overrides: Any) -> LowRankConfig:
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"adapter_config.json has peft_type={d.get('peft_type')!r}; hf_lowrank reads LORA only.")
-        if d.get("use_dora"):
-            raise ValueError("adapter_config.json has use_dora=true; hf_lowrank does not implement DoRA.")
         if d.get("bias", "none") != "none":
             raise ValueError(f"adapter_config.json has bias={d['bias']!r}; hf_lowrank supports bias='none' only.")
         if d.get("layers_to_transform") is not None:
@@ -200,15 +227,23 @@ class LowRankConfig:
             "target_modules": d.get("target_modules") or "all-linear",
             "exclude_modules": d.get("exclude_modules"),
             "use_rslora": bool(d.get("use_rslora", False)),
+            "use_dora": bool(d.get("use_dora", False)),
             "rank_pattern": dict(d.get("rank_pattern") or {}),
             "alpha_pattern": dict(d.get("alpha_pattern") or {}),
             "modules_to_save": d.get("modules_to_save"),
+            "trainable_token_indices": d.get("trainable_token_indices"),
             "init": "gaussian" if init == "gaussian" else "kaiming",
         }
         if isinstance(fields["target_modules"], list | tuple | set):
             fields["target_modules"] = sorted(fields["target_modules"])
         fields.update(overrides)
         return cls(**fields)
+
+
+def _token_list(ids: Any) -> bool:
+    """A non-empty list of distinct non-negative ints."""
+    return (isinstance(ids, (list, tuple)) and len(ids) > 0 and len(set(ids)) == len(ids)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids))
 
 
 def _positive(value: Any, kind: type | tuple[type, ...]) -> bool:

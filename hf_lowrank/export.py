@@ -25,7 +25,7 @@ from .format import (
     SINGLE_FILE,
     AdapterError,
 )
-from .layers import LORA_A, LORA_B
+from .layers import LORA_A, LORA_B, LORA_MAGNITUDE
 from .loading import model_class, read, resolve_base
 from .merge import merge_state_dict
 from .state import AdapterFiles, check_adapter
@@ -112,8 +112,10 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
     scalings = {m: s for m, (_, s) in files.scalings().items()}
     saved = files.saved_tensors()
     adapter = {**saved, **{f"{m}.{LORA_A if w == 'A' else LORA_B}": t for m, ab in files.lora_tensors().items()
-                           for w, t in ab.items()}}
-    known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved}
+                           for w, t in ab.items()},
+               **{f"{m}.{LORA_MAGNITUDE}": t for m, t in files.magnitudes().items()}}
+    token_rows = files.token_rows()
+    known = set(scalings) | lay.quantized | lay.conv1d | {k.rsplit(".", 1)[0] for k in saved} | set(token_rows)
     # a QLoRA model was loaded with every float tensor in the compute dtype: reproduce that before folding
     load_dtype = getattr(torch, files.config.compute_dtype) if files.config.quantization else None
 
@@ -141,7 +143,7 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
                 tensors = {k: t.to(load_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
             merged = merge_state_dict(tensors, adapter, scalings, dtype, module_of=lambda k: lay.module_of(k, known),
                                       transposed=lay.conv1d, quantized=lay.quantized, dequantize=dequantize,
-                                      done=done)
+                                      token_rows=token_rows, done=done)
             del tensors
             if i == len(shards) - 1:  # saved modules the base checkpoint lacks (a new classification head)
                 merged.update({k: t.to(dtype) for k, t in saved.items() if k not in done})

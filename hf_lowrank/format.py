@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import LowRankConfig
 from .inject import AdapterModules, adapter_modules
-from .layers import LORA_A, LORA_B, is_conv1d
+from .layers import LORA_A, LORA_B, LORA_MAGNITUDE, TOKENS_KEY, is_conv1d
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,6 +47,8 @@ MODULES, TRAINING = META + "modules", META + "training"
 CHECKSUM = META + "checksum"
 CONFIG_CHECKSUM = META + "config_checksum"
 LEGACY_CRC32 = META + "crc32"  # the checksum key of adapters saved by earlier development versions
+#: LoRA+'s learning-rate ratio (a training setting PEFT's config has no field for), when trained with it.
+LORAPLUS = META + "loraplus_lr_ratio"
 QUANT_FIELDS = ("quantization", "double_quant", "compute_dtype", "quant_storage")
 
 
@@ -69,6 +71,16 @@ def lora_module(key: str) -> tuple[str, str] | None:
         if key.endswith("." + suffix):
             return key.removesuffix("." + suffix), which
     return None
+
+
+def magnitude_module(key: str) -> str | None:
+    """The LoRA layer's name for a DoRA magnitude key (`<module>.lora_magnitude_vector`)."""
+    return key.removesuffix("." + LORA_MAGNITUDE) if key.endswith("." + LORA_MAGNITUDE) else None
+
+
+def token_module(key: str) -> str | None:
+    """The embedding's name for a trainable-token-rows key (`<module>.token_adapter.trainable_tokens_delta`)."""
+    return key.removesuffix("." + TOKENS_KEY) if key.endswith("." + TOKENS_KEY) else None
 
 
 #: model class name suffix → PEFT's task_type, and back to the transformers Auto class that builds it.
@@ -149,7 +161,9 @@ def adapter_metadata(model: nn.Module, found: AdapterModules | None = None) -> d
     found = found or adapter_modules(model)
     shapes = {name: [layer.out_features, layer.in_features] for name, layer in found.layers}
     quant = {f: getattr(cfg, f) for f in QUANT_FIELDS} if cfg.quantization else {"quantization": None}
+    extra = {LORAPLUS: repr(float(cfg.loraplus_lr_ratio))} if cfg.loraplus_lr_ratio is not None else {}
     return {
+        **extra,
         "format": "pt",
         VERSION: __version__,
         BASE_MODEL: hub_model_id(getattr(hf_config, "_name_or_path", "")) or "",  # never a local path
@@ -190,6 +204,8 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
 COMPUTED_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "exclude_modules",
                    "modules_to_save", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out",
                    "layers_to_transform", "task_type")
+#: computed fields added later: covered only when set, so adapters saved before them keep their checksum.
+LATER_COMPUTED_FIELDS = ("trainable_token_indices",)
 
 
 def config_checksum(peft_config: dict[str, Any]) -> str:
@@ -202,6 +218,7 @@ def config_checksum(peft_config: dict[str, Any]) -> str:
     import xxhash
 
     fields = {k: peft_config.get(k) for k in COMPUTED_FIELDS}
+    fields.update((k, peft_config[k]) for k in LATER_COMPUTED_FIELDS if peft_config.get(k) is not None)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return "xxh3_64:" + xxhash.xxh3_64(text.encode()).hexdigest()
 
@@ -228,6 +245,11 @@ def checksum_matches(metadata: dict[str, str], tensors: dict[str, torch.Tensor])
     if LEGACY_CRC32 in metadata:
         return metadata[LEGACY_CRC32] == _legacy_crc32(tensors)
     return True
+
+
+def recorded_loraplus(metadata: dict[str, str]) -> float | None:
+    """LoRA+'s ratio the header records (None when none). Raises `ValueError` when it is not a number."""
+    return float(metadata[LORAPLUS]) if LORAPLUS in metadata else None
 
 
 def recorded_quantization(metadata: dict[str, str]) -> dict[str, Any] | None:

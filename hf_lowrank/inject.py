@@ -9,13 +9,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .config import LowRankConfig
-from .layers import LORA_A, LORA_B, LoraLinear, SavedModule, is_linear
+from .layers import (
+    LORA_A,
+    LORA_B,
+    LORA_MAGNITUDE,
+    TOKENS_DELTA,
+    TOKENS_KEY,
+    LoraLinear,
+    SavedModule,
+    TiedTokenHead,
+    TrainableTokens,
+    is_linear,
+)
 from .patterns import name_matches
 
 logger = logging.getLogger("hf_lowrank")
@@ -35,10 +46,12 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 @dataclass
 class AdapterModules:
-    """What one walk over a model finds: its LoRA layers and its `modules_to_save` modules, in module order."""
+    """What one walk over a model finds: its LoRA layers, its `modules_to_save` modules and its embeddings with
+    trainable rows, in module order."""
 
     layers: list[tuple[str, LoraLinear]]
     saved: list[tuple[str, nn.Module]]  # a SavedModule, or (before injection) the plain module it would wrap
+    tokens: list[tuple[str, TrainableTokens]] = field(default_factory=list)
 
     def parameters(self) -> dict[str, nn.Parameter]:
         """Model-relative key → parameter for everything an adapter file holds (PEFT's keys without its prefix)."""
@@ -50,10 +63,14 @@ class AdapterModules:
         for name, layer in self.layers:
             out[f"{name}.{LORA_A}"] = (f"{name}.{LORA_A}", layer.lora_A.weight)
             out[f"{name}.{LORA_B}"] = (f"{name}.{LORA_B}", layer.lora_B.weight)
+            if layer.lora_magnitude_vector is not None:
+                out[f"{name}.{LORA_MAGNITUDE}"] = (f"{name}.{LORA_MAGNITUDE}", layer.lora_magnitude_vector)
         for name, module in self.saved:
             inner, prefix = (module.trainable, f"{name}.trainable") if isinstance(module, SavedModule) else \
                 (module, name)
             out.update((f"{name}.{p}", (f"{prefix}.{p}", t)) for p, t in inner.named_parameters())
+        for name, module in self.tokens:
+            out[f"{name}.{TOKENS_KEY}"] = (f"{name}.{TOKENS_DELTA}", module.trainable_tokens_delta)
         return out
 
 
@@ -72,6 +89,9 @@ def adapter_modules(model: nn.Module, modules_to_save: list[str] | None = None) 
             continue
         if isinstance(module, LoraLinear):
             found.layers.append((name, module))
+        elif isinstance(module, TrainableTokens):
+            found.tokens.append((name, module))
+            inside.append(name)
         elif isinstance(module, SavedModule) or (modules_to_save and name and name_matches(modules_to_save, name)):
             found.saved.append((name, module))
             inside.append(name)
@@ -96,7 +116,48 @@ def wrap_saved(model: nn.Module, found: AdapterModules) -> AdapterModules:
             module = SavedModule(module)
             setattr(model.get_submodule(parent_name), child, module)
         saved.append((name, module))
-    return AdapterModules(found.layers, saved)
+    return AdapterModules(found.layers, saved, found.tokens)
+
+
+def token_targets(model: nn.Module, config: LowRankConfig) -> dict[str, list[int]]:
+    """{embedding name: row indices} that `config.trainable_token_indices` trains; raises when a name matches no
+    embedding or an index is past its last row."""
+    spec = config.trainable_token_indices
+    if spec is None:
+        return {}
+    if isinstance(spec, dict):
+        chosen = {n: list(ids) for key, ids in spec.items() for n, _ in model.named_modules()
+                  if n and name_matches([key], n)}
+        unmatched = [key for key in spec if not any(name_matches([key], n) for n in chosen)]
+        if unmatched:
+            raise ValueError(f"trainable_token_indices names {unmatched[0]!r}, which matches no module")
+    else:
+        emb = model.get_input_embeddings()
+        chosen = {next(n for n, m in model.named_modules() if m is emb): list(spec)}
+    for name, ids in chosen.items():
+        module = model.get_submodule(name)
+        rows = getattr(module, "num_embeddings", None)
+        if rows is None or getattr(module, "weight", None) is None:
+            raise ValueError(f"trainable_token_indices: {name!r} is a {type(module).__name__}, not an embedding")
+        if max(ids) >= rows:
+            raise ValueError(f"trainable_token_indices: token {max(ids)} is past {name!r}'s {rows} rows; after adding "
+                             "tokens, call model.resize_token_embeddings(len(tokenizer)) and save the base first")
+    return chosen
+
+
+def wrap_tokens(model: nn.Module, config: LowRankConfig) -> None:
+    """Wrap each `token_targets` embedding in `TrainableTokens`, and an output head tied to it in `TiedTokenHead`."""
+    dtype = getattr(torch, config.adapter_dtype)
+    head = _output_head(model)
+    for name, ids in token_targets(model, config).items():
+        parent_name, _, child = name.rpartition(".")
+        base = model.get_submodule(name)
+        tokens = TrainableTokens(base, ids, dtype=dtype)
+        setattr(model.get_submodule(parent_name), child, tokens)
+        if head is not None and getattr(head, "weight", None) is base.weight:
+            head_name = next(n for n, m in model.named_modules() if m is head)
+            parent_name, _, child = head_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, TiedTokenHead(head, tokens))
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -160,17 +221,19 @@ def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         layer = LoraLinear(base, r=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.lora_dropout,
-                           use_rslora=config.use_rslora, init=config.init, dtype=dtype)
+                           use_rslora=config.use_rslora, init=config.init, dtype=dtype, use_dora=config.use_dora)
         layer.train(base.training)  # from_pretrained returns models in eval mode; dropout must follow
         setattr(parent, child, layer)
 
+    wrap_tokens(model, config)
     model.lowrank_config = config
     mark_trainable(model, wrap_saved(model, adapter_modules(model)))
     return model
 
 
 def mark_trainable(model: nn.Module, found: AdapterModules | None = None) -> None:
-    """Freeze every parameter but the adapters' A and B and the float parameters of `modules_to_save`."""
+    """Freeze every parameter but the adapters' A and B, trainable token rows and the float parameters of
+    `modules_to_save`."""
     found = found or adapter_modules(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -216,7 +279,7 @@ def disabled_adapters(model: nn.Module):
     original inside the block; all restored after it."""
     found = adapter_modules(model, [])
     layers = [layer for _, layer in found.layers]
-    saved = [m for _, m in found.saved if isinstance(m, SavedModule)]
+    saved = [m for _, m in found.saved if isinstance(m, SavedModule)] + [m for _, m in found.tokens]
     state = [(layer.disabled, layer.merged) for layer in layers]
     saved_state = [m.disabled for m in saved]
     try:

@@ -8,6 +8,15 @@
 
 B starts at zero, so a fresh adapter leaves the base output unchanged; gradients reach only A and B:
 g_B = (α/r)·g_ΔW·Aᵀ and g_A = (α/r)·Bᵀ·g_ΔW, where g_ΔW = Gᵀx for an upstream gradient G.
+
+DoRA (weight-decomposed LoRA, Liu et al. 2024; ``use_dora=True``) adds a trainable magnitude m (out,):
+
+          y = m ⊙ (W0 + s·B·A)·x / ‖W0 + s·B·A‖ + b,   ‖·‖ the norm of each output row (the paper's column norm)
+            = g ⊙ (W0·x) + g ⊙ s·B·A·x + b,            g = m / ‖W0 + s·B·A‖ (out,)
+
+m starts at ‖W0‖, so a fresh adapter again leaves the output unchanged. The norm is treated as a constant (no
+gradient through it, section 4.3 of the paper, as PEFT does) and recomputed every forward from the dense weight
+(dequantized for Linear4bit) under no_grad; it is never stored.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from .compat import shield_cpu_repack
 
 #: the adapter's parameter names inside a LoRA layer, as PEFT's files key them (`<module>.lora_A.weight`).
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+#: DoRA's magnitude vector m (out,), PEFT's name (`<module>.lora_magnitude_vector`).
+LORA_MAGNITUDE = "lora_magnitude_vector"
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -61,11 +72,12 @@ class LoraLinear(nn.Module):
         dropout: dropout probability on the adapter's input (0 = no dropout module at all).
         use_rslora: use α/√r instead of α/r.
         init: ``"kaiming"`` (A Kaiming-uniform like nn.Linear) or ``"gaussian"`` (A ~ N(0, 1/r)); B is zero.
-        dtype: storage dtype of A and B.
+        dtype: storage dtype of A and B (and of DoRA's m).
+        use_dora: add DoRA's magnitude vector ``lora_magnitude_vector`` (see the module docstring).
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming", dtype: torch.dtype = torch.float32) -> None:
+                 init: str = "kaiming", dtype: torch.dtype = torch.float32, use_dora: bool = False) -> None:
         super().__init__()
         in_features, out_features = layer_features(base_layer)
         device = _device_of(base_layer)
@@ -77,6 +89,8 @@ class LoraLinear(nn.Module):
         self.set_scaling(alpha, use_rslora)
         self.merged = False
         self.disabled = False
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)) \
+            if use_dora else None
         self.reset_parameters(init)
         shield_cpu_repack(base_layer)
 
@@ -91,6 +105,8 @@ class LoraLinear(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_magnitude_vector is not None:
+            self.lora_magnitude_vector.copy_(self.weight_norm(torch.float32))  # m = ‖W0‖ since B = 0
 
     @property
     def in_features(self) -> int:
@@ -106,7 +122,19 @@ class LoraLinear(nn.Module):
             return out
         x_in, keep_scale = dropout_unscaled(self.dropout, x)
         a = self.lora_A(x_in)  # (…, in) -> (…, r)
-        return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
+        if self.lora_magnitude_vector is None:
+            return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
+        g = (self.lora_magnitude_vector / self.weight_norm(x.dtype)).to(out.dtype)  # (out,)
+        bias = getattr(self.base_layer, "bias", None)
+        w0x = out - bias.to(out.dtype) if bias is not None else out  # (…, out)
+        lora = F.linear(_cast(a, out.dtype), _cast(self.lora_B.weight, out.dtype))  # (…, r) -> (…, out)
+        return out + (g - 1) * w0x + g * lora * (self.scaling * keep_scale)  # = g⊙W0x + g⊙s·BAx + b
+
+    @torch.no_grad()
+    def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output row (out,), in `dtype`, without a gradient (DoRA's constant denominator)."""
+        w = dense_weight(self.base_layer, dtype)  # (out, in), dequantized for 4-bit: a temporary
+        return torch.linalg.norm(w + self.delta_weight().to(dtype), dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·A, shape (out, in), in the adapter dtype."""
@@ -136,13 +164,23 @@ class LoraLinear(nn.Module):
                 "with the deltas folded onto the dequantized weights."
             )
         weight = self.base_layer.weight
+        conv = is_conv1d(self.base_layer)
+        if self.lora_magnitude_vector is not None:  # W' = g ⊙ (W0 + ΔW); back: W0 = W'/g - ΔW
+            if sign > 0:
+                self._dora_g = (self.lora_magnitude_vector / self.weight_norm(torch.float32)).unsqueeze(1)  # (out, 1)
+            w = dense_weight(self.base_layer, torch.float32)
+            w = (w + self.delta_weight().float()) * self._dora_g if sign > 0 else w / self._dora_g - \
+                self.delta_weight().float()
+            weight.copy_((w.T if conv else w).to(weight.dtype))
+            return
         delta = self.delta_weight().to(weight.dtype)
-        if is_conv1d(self.base_layer):
+        if conv:
             delta = delta.T  # Conv1D stores (in, out)
         weight.add_(sign * delta)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}"
+        dora = ", dora=True" if self.lora_magnitude_vector is not None else ""
+        return f"r={self.r}, scaling={self.scaling:g}{dora}, merged={self.merged}, disabled={self.disabled}"
 
 
 class SavedModule(nn.Module):
@@ -180,6 +218,92 @@ class SavedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"disabled={self.disabled}"
+
+
+#: PEFT's name for the trained rows of an embedding (it holds the rows themselves, not a difference), and their key
+#: under the embedding's name in adapter files (PEFT's TrainableTokensWrapper layout).
+TOKENS_DELTA = "trainable_tokens_delta"
+TOKENS_KEY = "token_adapter." + TOKENS_DELTA
+
+
+class TrainableTokens(nn.Module):
+    """Trainable rows of a frozen embedding (`trainable_token_indices`, e.g. the rows of newly added tokens).
+
+        E' = E with rows i₁…i_k replaced by R (k×d, initialised to E[i₁…i_k]),   embed(x) = E'[x]
+
+    Only R trains and is saved (k·d values instead of vocab·d for `modules_to_save`); R is stored in the adapter
+    dtype and cast to the embedding's output dtype. Rows are looked up through a vocab-sized slot map, so no copy of
+    E is made per forward. An embedding that scales its output (`embed_scale`, Gemma) scales R's rows the same way.
+    Attributes the model reads through the wrapper (`weight`, `num_embeddings`...) are the frozen embedding's.
+    """
+
+    def __init__(self, base_layer: nn.Module, indices: list[int], dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        self.base_layer = base_layer
+        self.token_indices = list(indices)
+        index = torch.tensor(self.token_indices, dtype=torch.long, device=weight.device)
+        self.trainable_tokens_delta = nn.Parameter(weight.detach()[index].to(dtype).clone())  # (k, d)
+        slots = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        slots[index] = torch.arange(len(index), device=weight.device)
+        self.register_buffer("slots", slots, persistent=False)  # (vocab,): row of R for a token, -1 for none
+        self.register_buffer("index", index, persistent=False)  # (k,)
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (…,) -> (…, d)
+        if self.disabled:
+            return out
+        slot = self.slots[x]  # (…,), -1 where the token keeps its frozen row
+        rows = F.embedding(slot.clamp(min=0), self.trainable_tokens_delta).to(out.dtype)  # (…, d)
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is not None:
+            rows = rows * scale.to(rows.dtype)
+        return torch.where((slot >= 0).unsqueeze(-1), rows, out)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.token_indices}, disabled={self.disabled}"
+
+
+class TiedTokenHead(nn.Module):
+    """The output head of a model whose head shares the embedding's weight, beside a `TrainableTokens` embedding:
+    the logits of the chosen tokens use the trained rows, as a tied head would.
+
+        logits = h·Eᵀ (+ b), with columns i₁…i_k replaced by h·Rᵀ (+ b[i₁…i_k])
+
+    R is the embedding's parameter (saved once, under the embedding's name); the head holds no parameter of its own.
+    """
+
+    def __init__(self, base_layer: nn.Module, tokens: TrainableTokens) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.__dict__["tokens"] = tokens  # not a submodule: its parameter belongs to the embedding
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(h)  # (…, d) -> (…, vocab)
+        if self.tokens.disabled:
+            return out
+        cols = F.linear(h, _cast(self.tokens.trainable_tokens_delta, h.dtype))  # (…, d) -> (…, k)
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            cols = cols + bias[self.tokens.index].to(cols.dtype)
+        return out.index_copy(-1, self.tokens.index, cols.to(out.dtype))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
 
 
 # ---- dropout on the adapter's input ---------------------------------------------------------------------------------

@@ -119,6 +119,8 @@ def _unsupported(rt: Runtime, files: AdapterFiles) -> str | None:
         return "DoRA (use_dora=true) is not implemented"
     if rt.target == "peft":
         return None
+    if pc.get("trainable_token_indices"):
+        return "trainable token rows (trainable_token_indices) are not read"
     if pc.get("bias", "none") != "none" or pc.get("lora_bias"):
         return f"LoRA biases (bias={pc.get('bias')!r}) are not applied"
     for key, what in (("layer_replication", "layer_replication"), ("alora_invocation_tokens", "activated LoRA"),
@@ -175,8 +177,7 @@ def verdict(rt: Runtime, files: AdapterFiles, max_lora_rank: int | None = None) 
     """What `rt` does with `files` as they are; `max_lora_rank`: the setting a vLLM server was started with."""
     missing = _unsupported(rt, files)
     if missing:
-        fix = MERGE_FIX if "modules_to_save" in missing else ("merge instead, with PEFT (merge_and_unload), then "
-                                                              "serve the merged model")
+        fix = MERGE_FIX
         return Verdict(REFUSED, f"{rt.name}: {missing}", fix)
     arch = served_architecture(files)
     if arch in rt.without_lora:
@@ -245,6 +246,7 @@ def describe(files: AdapterFiles, max_lora_rank: int | None = None) -> str:
         f"targets         {', '.join(targets) if isinstance(targets, list) else targets}"
         f"  ({len(scalings)} modules)",
         f"modules_to_save {', '.join(pc.get('modules_to_save') or []) or '-'}",
+        f"trained tokens  {pc.get('trainable_token_indices') or '-'}",
         f"parameters      {n_params:,} ({', '.join(dtypes)})",
         f"bytes           {tensor_bytes:,} in tensors; {files.weights_path.stat().st_size:,} on disk",
         "runtimes" + (f" (vLLM started with max_lora_rank={max_lora_rank})" if max_lora_rank else "") + ":",

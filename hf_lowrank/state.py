@@ -41,14 +41,17 @@ from .format import (
     checksum_matches,
     config_checksum,
     lora_module,
+    magnitude_module,
     model_key,
     peft_config_dict,
+    recorded_loraplus,
     recorded_quantization,
     tensor_checksum,
+    token_module,
 )
-from .inject import AdapterModules, adapter_modules, inject, mark_trainable, resolve_targets
-from .layers import LORA_A, LORA_B, layer_features
-from .patterns import PatternError
+from .inject import AdapterModules, adapter_modules, inject, mark_trainable, resolve_targets, token_targets
+from .layers import LORA_A, LORA_B, LORA_MAGNITUDE, TOKENS_KEY, layer_features
+from .patterns import PatternError, name_matches
 
 logger = logging.getLogger("hf_lowrank")
 
@@ -157,7 +160,24 @@ class AdapterFiles:
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """modules_to_save copies: model key → tensor."""
-        return {model_key(k): t for k, t in self.tensors.items() if lora_module(model_key(k)) is None}
+        return {model_key(k): t for k, t in self.tensors.items()
+                if lora_module(model_key(k)) is None and token_module(model_key(k)) is None
+                and magnitude_module(model_key(k)) is None}
+
+    def magnitudes(self) -> dict[str, torch.Tensor]:
+        """DoRA's magnitude vectors: {module: m (out,)}."""
+        return {m: t for k, t in self.tensors.items() if (m := magnitude_module(model_key(k))) is not None}
+
+    def token_rows(self) -> dict[str, tuple[list[int], torch.Tensor]]:
+        """{embedding module: (row indices, trained rows (k, d))} for `trainable_token_indices`."""
+        spec, out = self.config.trainable_token_indices, {}
+        for key, t in self.tensors.items():
+            module = token_module(model_key(key))
+            if module is not None:
+                ids = spec if isinstance(spec, list) else next(
+                    (v for k, v in (spec or {}).items() if name_matches([k], module)), [])
+                out[module] = (list(ids), t)
+        return out
 
     def scalings(self) -> dict[str, tuple[int, float]]:
         """{module: (rank, scaling)} as the adapter's layers apply them (ranks from the tensors themselves)."""
@@ -169,14 +189,14 @@ class AdapterFiles:
 
 
 #: adapter_config.json features hf_lowrank cannot apply; `describe_only` reads such adapters for `inspect`.
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None}
+_UNSUPPORTED = {"bias": "none", "layers_to_transform": None}
 
 
 def read_adapter(src: str | os.PathLike | AdapterFiles, *, describe_only: bool = False) -> AdapterFiles:
     """Read and check a local adapter folder: config valid, weights safetensors, intact, finite and consistent with
     the config (A and B in pairs, each pair's rank the config's for that module). `AdapterError` otherwise.
 
-    `describe_only=True` also accepts configs with features hf_lowrank cannot load (DoRA, biases,
+    `describe_only=True` also accepts configs with features hf_lowrank cannot load (biases,
     layers_to_transform), for describing them; `peft_config` keeps the file's values.
     """
     if isinstance(src, AdapterFiles):
@@ -282,6 +302,11 @@ def _check_integrity(files: AdapterFiles) -> None:
             raise AdapterError(f"{where}: {module}'s lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form a "
                                "rank-r pair (A: r×in, B: out×r)")
         r = files.config.rank_for(module)
+        m = files.magnitudes().get(module)
+        if (m is not None) != files.config.use_dora or (m is not None and list(m.shape) != [b.shape[0]]):
+            what = f"a magnitude of shape {list(m.shape)}" if m is not None else "no lora_magnitude_vector"
+            raise AdapterError(f"{where}: {module} has {what} with use_dora={files.config.use_dora} and lora_B "
+                               f"{list(b.shape)}; the files do not belong together")
         if a.shape[0] != r:
             raise AdapterError(f"{where}: {module} has rank {a.shape[0]} in its tensors but {r} in "
                                f"{CONFIG_NAME} (r / rank_pattern); the files do not belong together")
@@ -296,6 +321,7 @@ def _config_overrides(peft_config: dict[str, Any], metadata: dict[str, str]) -> 
     overrides: dict[str, Any] = {"quantization": None}
     try:
         quant = recorded_quantization(metadata)
+        overrides["loraplus_lr_ratio"] = recorded_loraplus(metadata)
     except ValueError as e:
         raise AdapterError(f"header entry {e}: the adapter's metadata is damaged") from None
     overrides.update(quant or {})
@@ -328,6 +354,10 @@ def expected_shapes(model: nn.Module, config: LowRankConfig,
             r = config.rank_for(name)
             shapes[f"{name}.{LORA_A}"] = (r, in_f)
             shapes[f"{name}.{LORA_B}"] = (out_f, r)
+            if config.use_dora:
+                shapes[f"{name}.{LORA_MAGNITUDE}"] = (out_f,)
+        for name, ids in token_targets(model, config).items():
+            shapes[f"{name}.{TOKENS_KEY}"] = (len(ids), model.get_submodule(name).weight.shape[1])
     return shapes
 
 
@@ -374,7 +404,8 @@ def load_adapter(model: nn.Module, src: str | os.PathLike | AdapterFiles) -> nn.
     else:  # the layers are there already: take the file's scaling and saved modules, keep our quantization settings
         model.lowrank_config = model.lowrank_config.replace(
             r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, rank_pattern=dict(cfg.rank_pattern),
-            alpha_pattern=dict(cfg.alpha_pattern), modules_to_save=cfg.modules_to_save)
+            alpha_pattern=dict(cfg.alpha_pattern), modules_to_save=cfg.modules_to_save,
+            trainable_token_indices=cfg.trainable_token_indices)
         mark_trainable(model, found)
     for name, layer in found.layers:
         layer.set_scaling(cfg.alpha_for(name), cfg.use_rslora)

@@ -152,7 +152,7 @@ def test_every_patch_is_registered_with_a_reason_and_an_existing_test():
     hf_lowrank.enable(r=4)
     assert set(registry.installed()) == set(registry.PATCHES)
     groups = [p.group for p in registry.PATCHES.values()]
-    assert (groups.count("trainer"), groups.count("hook"), len(groups)) == (9, 3, 21)
+    assert (groups.count("trainer"), groups.count("hook"), len(groups)) == (10, 3, 22)
     for target, patch in registry.PATCHES.items():
         assert len(patch.why) > 60, target
         path, _, name = patch.test.partition("::")
@@ -210,7 +210,7 @@ STOCK_RUN = """
     if PATCHED:
         import hf_lowrank
         hf_lowrank.enable(r=4)                        # every patch installed ...
-        assert len(hf_lowrank.integrations.installed()) == 12
+        assert len(hf_lowrank.integrations.installed()) == 13
         hf_lowrank.disable()                          # ... and all but the from_pretrained hook stay
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=128, n_positions=64))

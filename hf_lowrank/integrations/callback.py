@@ -2,7 +2,8 @@
 
 - paged AdamW (`paged_adamw_32bit`) when the user left `optim` at its default; an explicit choice wins;
 - a start-of-training summary: base footprint, trainable parameters, quantization, optimizer, what is really paged;
-- a silent-failure guard: after the first backward, every adapter parameter must have a gradient.
+- a silent-failure guard: after the first backward, every adapter parameter must have a gradient;
+- LoRA+ (`LowRankConfig.loraplus_lr_ratio`): B at ratio × the learning rate, in whichever optimizer the Trainer builds.
 
 Creating one installs the Trainer's seams (`hf_lowrank.integrations.transformers`: adapter-only checkpoints, resume,
 best model, distributed saves, Hub pushes).
@@ -52,6 +53,60 @@ def _wrap_training_arguments_new(original):
 def explicit_fields(args) -> frozenset[str] | None:
     """Fields passed to this `TrainingArguments` by name, or None when it was made before the hook was enabled."""
     return args.__dict__.get("_hf_lowrank_explicit")
+
+
+# ---- LoRA+: B's learning rate is ratio × A's ------------------------------------------------------------------
+
+
+@register("transformers:Trainer.create_optimizer", group="trainer",
+          test="tests/test_quality.py::test_loraplus_groups_paged_default_and_explicit_optim",
+          why="""LoRA+ needs B in its own parameter group at ratio × the learning rate. The Trainer builds its
+          optimizer in create_optimizer (two weight-decay groups, whatever optim is) and the scheduler right after
+          it, from the groups' learning rates; a callback sees the optimizer only at on_train_begin, after the
+          scheduler has read them. Splitting the groups as create_optimizer returns, before the scheduler and
+          before a resumed optimizer state is loaded, works for every optim (torch's, bitsandbytes' paged ones,
+          the user's optimizer_cls_and_kwargs). A no-op without loraplus_lr_ratio or when the user passed an
+          optimizer.""")
+def _wrap_create_optimizer(original):
+    def create_optimizer(self, model=None, *args, **kwargs):
+        built_here = self.optimizer is None
+        optimizer = original(self, model, *args, **kwargs)
+        opt_model = self.model if model is None else model
+        ratio = getattr(getattr(opt_model, "lowrank_config", None), "loraplus_lr_ratio", None)
+        if built_here and ratio is not None:
+            split_loraplus_groups(getattr(optimizer, "optimizer", optimizer), opt_model, ratio)
+        return optimizer
+
+    return wraps(original, create_optimizer)
+
+
+def loraplus_params(model) -> list:
+    """The parameters LoRA+ speeds up: every B, and DoRA magnitudes (1-D, grouped with B as PEFT's
+    `create_loraplus_optimizer` does)."""
+    out = []
+    for _, layer in lora_layers(model):
+        out.append(layer.lora_B.weight)
+        magnitude = getattr(layer, "lora_magnitude_vector", None)
+        if magnitude is not None:
+            out.append(magnitude)
+    return out
+
+
+def split_loraplus_groups(optimizer, model, ratio: float) -> int:
+    """Move the `loraplus_params` of each parameter group into a copy of that group (same weight decay and
+    hyper-parameters) with lr = ratio × the group's lr. Before the first step only. Returns how many moved."""
+    fast = {id(p) for p in loraplus_params(model)}
+    moved = 0
+    for group in list(optimizer.param_groups):
+        mine = [p for p in group["params"] if id(p) in fast]
+        if not mine:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in fast]
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                                   "lr": group["lr"] * ratio})
+        moved += len(mine)
+    logger.info("hf_lowrank: LoRA+ puts %d B tensors at %g x the learning rate", moved, ratio)
+    return moved
 
 
 class NoGradientError(RuntimeError):
@@ -145,12 +200,13 @@ def training_summary(model, args=None, optimizer=None) -> str:
     elif optim and "paged" in str(optim):
         paged_note = (f"{len(paged)} of {len(trainable)} trainable tensors ({sum(p.numel() for p in paged):,} params); "
                       f"bitsandbytes pages only tensors of >= {PAGE_MIN_NUMEL:,} elements")
+    loraplus = getattr(cfg, "loraplus_lr_ratio", None)
     return "\n".join([
         "hf_lowrank training summary",
         f"  base footprint : {footprint / 2**20:.2f} MiB (model.get_memory_footprint())",
         f"  parameters     : {s}",
         f"  quantization   : {quant}",
-        f"  optimizer      : {optim}",
+        f"  optimizer      : {optim}" + (f" (LoRA+: B at {loraplus:g} x the learning rate)" if loraplus else ""),
         f"  paged state    : {paged_note}",
         f"  loss path      : {fused_loss_status(model)}",
     ])
