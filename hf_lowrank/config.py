@@ -16,7 +16,7 @@ from .patterns import PatternError, check_pattern, first_match
 QUANTIZATIONS = ("nf4", "fp4", None)
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "loftq")
 #: upper bound for r and lora_alpha: far above any real adapter, low enough that a scaling stays finite in bf16.
 MAX_RANK_OR_ALPHA = 65_536
 
@@ -39,8 +39,9 @@ class LowRankConfig:
         alpha_pattern: ``{regex: alpha}``, as ``rank_pattern`` for ``lora_alpha``.
         modules_to_save: names (same matching as a target list) of whole modules trained and saved in full, such as
             a freshly initialised classification head. ``None`` picks the head of a sequence-classification model.
-        init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero). B = 0 either way,
-            so a fresh adapter leaves the base output unchanged.
+        init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero): B = 0, so a fresh
+            adapter leaves the base output unchanged. ``"loftq"`` (with a quantized base): A and B from the SVD of
+            each layer's NF4 error, so the model starts closer to the 16-bit original (`hf_lowrank.loftq`).
         quantization: ``"nf4"`` (4-bit NormalFloat, the QLoRA default), ``"fp4"``, or ``None`` for plain LoRA on a
             16-bit base.
         double_quant: quantize the per-block absmax constants too (saves ~0.37 bits per parameter).
@@ -206,7 +207,8 @@ class LowRankConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "fan_in_fan_out": fan_in_fan_out,
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            # a LoftQ init is done once loaded: the file holds plain LoRA weights for any reader
+            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
             "layers_to_transform": None,
             "layers_pattern": None,
         }

@@ -65,9 +65,23 @@ def from_pretrained(model_cls: Any, name_or_path: str, lowrank_config: LowRankCo
         model = model_cls.from_pretrained(name_or_path, **hf_kwargs)
     prepare_for_kbit_training(model)
     inject(model, config)
+    if config.init == "loftq" and config.quantization:
+        from .loftq import loftq_init
+
+        model.loftq_error_ratios = loftq_init(model, _local_checkpoint(name_or_path, hf_kwargs))
     if config.fused_loss:
         enable_fused_loss(model)  # a no-op (the stock path) for anything but a supported causal LM
     return model
+
+
+def _local_checkpoint(name_or_path: str, hf_kwargs: dict[str, Any]) -> Path:
+    """The folder holding the checkpoint `from_pretrained` just read: the path itself, or its Hub cache snapshot."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, revision=hf_kwargs.get("revision"), local_files_only=True,
+                                  allow_patterns=["*.json", "*.safetensors"]))
 
 
 def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
