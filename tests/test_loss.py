@@ -339,6 +339,9 @@ def test_wrapper_keeps_signature_eval_generate_and_survives_accelerate(tiny_llam
     with torch.no_grad():
         torch.testing.assert_close(model.generate(ids[:, :4], max_new_tokens=3, do_sample=False), generated)
     enable_fused_loss(model)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier Trainer in this process fixed its precision
     acc = Accelerator(cpu=True, mixed_precision="bf16")
     prepared = acc.prepare(model)
     unwrapped = acc.unwrap_model(prepared)
