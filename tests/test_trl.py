@@ -359,3 +359,15 @@ def test_trl_trainers_without_peft(base, tmp_path):
     assert result["runs"] == {"dpo": ["ReferenceView", 2], "kto": ["ReferenceView", 2],
                               "GRPOTrainer": ["ReferenceView", 2], "RLOOTrainer": ["ReferenceView", 2],
                               "reward": ["NoneType", 2]}
+
+
+@pytest.mark.parametrize(("script", "metric"), [("dpo_qlora.py", "rewards/margins:"),
+                                              ("grpo_qlora.py", "mean reward:")])
+def test_trl_examples_run_offline_as_written(tmp_path, script, metric):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--max_steps", "2", "--output_dir",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert metric in out.stdout
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
