@@ -8,6 +8,7 @@ before the first parameter changes. Local folders only: resolving Hub ids is the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -149,30 +150,34 @@ class AdapterFiles:
     def trained_shapes(self) -> dict[str, list[int]]:
         return json.loads(self.metadata.get(MODULES, "{}"))
 
+    @functools.cached_property
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """Model-relative key → tensor (the file's keys without PEFT's prefix), computed once."""
+        return {model_key(k): t for k, t in self.tensors.items()}
+
     def lora_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """{module: {"A": (r, in), "B": (out, r)}}, in file order."""
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in self.tensors.items():
-            found = lora_module(model_key(key))
+        for key, t in self.model_tensors.items():
+            found = lora_module(key)
             if found is not None:
                 out.setdefault(found[0], {})[found[1]] = t
         return out
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """modules_to_save copies: model key → tensor."""
-        return {model_key(k): t for k, t in self.tensors.items()
-                if lora_module(model_key(k)) is None and token_module(model_key(k)) is None
-                and magnitude_module(model_key(k)) is None}
+        return {k: t for k, t in self.model_tensors.items()
+                if lora_module(k) is None and token_module(k) is None and magnitude_module(k) is None}
 
     def magnitudes(self) -> dict[str, torch.Tensor]:
         """DoRA's magnitude vectors: {module: m (out,)}."""
-        return {m: t for k, t in self.tensors.items() if (m := magnitude_module(model_key(k))) is not None}
+        return {m: t for k, t in self.model_tensors.items() if (m := magnitude_module(k)) is not None}
 
     def token_rows(self) -> dict[str, tuple[list[int], torch.Tensor]]:
         """{embedding module: (row indices, trained rows (k, d))} for `trainable_token_indices`."""
         spec, out = self.config.trainable_token_indices, {}
-        for key, t in self.tensors.items():
-            module = token_module(model_key(key))
+        for key, t in self.model_tensors.items():
+            module = token_module(key)
             if module is not None:
                 ids = spec if isinstance(spec, list) else next(
                     (v for k, v in (spec or {}).items() if name_matches([k], module)), [])
@@ -290,8 +295,10 @@ def _check_integrity(files: AdapterFiles) -> None:
         if t.dim() == 0 or t.numel() == 0:
             what = "is a 0-dim scalar" if t.numel() else "is empty, as ZeRO-3 saves without gathering produce"
             raise AdapterError(f"{where}: tensor {key} {what} (shape {tuple(t.shape)}); this adapter cannot be used")
-        if not torch.isfinite(t).all():
-            raise AdapterError(f"{where}: tensor {key} holds NaN or infinite values; this adapter cannot be used")
+    if not _all_finite(tensors):
+        key = next(k for k, t in tensors.items() if not torch.isfinite(t).all())
+        raise AdapterError(f"{where}: tensor {key} holds NaN or infinite values; this adapter cannot be used")
+    magnitudes = files.magnitudes()
     for module, pair in files.lora_tensors().items():
         missing = {"A", "B"} - set(pair)
         if missing:
@@ -302,7 +309,7 @@ def _check_integrity(files: AdapterFiles) -> None:
             raise AdapterError(f"{where}: {module}'s lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form a "
                                "rank-r pair (A: r×in, B: out×r)")
         r = files.config.rank_for(module)
-        m = files.magnitudes().get(module)
+        m = magnitudes.get(module)
         if (m is not None) != files.config.use_dora or (m is not None and list(m.shape) != [b.shape[0]]):
             what = f"a magnitude of shape {list(m.shape)}" if m is not None else "no lora_magnitude_vector"
             raise AdapterError(f"{where}: {module} has {what} with use_dora={files.config.use_dora} and lora_B "
@@ -313,6 +320,15 @@ def _check_integrity(files: AdapterFiles) -> None:
     scale = [s for _, s in files.scalings().values()]
     if scale and not all(math.isfinite(s) for s in scale):
         raise AdapterError(f"{files.config_path}: lora_alpha gives a non-finite scaling")
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether no tensor holds NaN or ±inf: one check per dtype over all of its tensors at once (a check per tensor
+    costs more than reading a small adapter)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors.values():
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(group)).all()) for group in by_dtype.values())
 
 
 def _config_overrides(peft_config: dict[str, Any], metadata: dict[str, str]) -> dict[str, Any]:
