@@ -183,7 +183,25 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, scaling={self.scaling:g}{dora}, merged={self.merged}, disabled={self.disabled}"
 
 
-class SavedModule(nn.Module):
+class _Wrapper(nn.Module):
+    """A module standing in for another: attributes the model reads through it (`weight`, `out_features`,
+    `embed_scale`...) and that it does not have itself are the wrapped module's (`wrapped()`)."""
+
+    _own = ("base_layer", "original", "trainable")
+
+    def wrapped(self) -> nn.Module:
+        return self.base_layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # the wrapper's own modules, parameters and buffers
+        except AttributeError:
+            if name in self._own:
+                raise
+            return getattr(self.wrapped(), name)
+
+
+class SavedModule(_Wrapper):
     """A module trained and saved in full (`modules_to_save`, e.g. a new classification head): a trainable copy
     beside the frozen original, so that with adapters disabled the model is exactly the base again.
 
@@ -208,13 +226,8 @@ class SavedModule(nn.Module):
     def forward(self, *args, **kwargs):
         return self.active(*args, **kwargs)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)  # the wrapper's own modules and parameters
-        except AttributeError:
-            if name in ("original", "trainable"):
-                raise
-            return getattr(self.active, name)
+    def wrapped(self) -> nn.Module:
+        return self.active
 
     def extra_repr(self) -> str:
         return f"disabled={self.disabled}"
@@ -226,7 +239,7 @@ TOKENS_DELTA = "trainable_tokens_delta"
 TOKENS_KEY = "token_adapter." + TOKENS_DELTA
 
 
-class TrainableTokens(nn.Module):
+class TrainableTokens(_Wrapper):
     """Trainable rows of a frozen embedding (`trainable_token_indices`, e.g. the rows of newly added tokens).
 
         E' = E with rows i₁…i_k replaced by R (k×d, initialised to E[i₁…i_k]),   embed(x) = E'[x]
@@ -261,19 +274,12 @@ class TrainableTokens(nn.Module):
             rows = rows * scale.to(rows.dtype)
         return torch.where((slot >= 0).unsqueeze(-1), rows, out)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
         return f"tokens={self.token_indices}, disabled={self.disabled}"
 
 
-class TiedTokenHead(nn.Module):
+class TiedTokenHead(_Wrapper):
     """The output head of a model whose head shares the embedding's weight, beside a `TrainableTokens` embedding:
     the logits of the chosen tokens use the trained rows, as a tied head would.
 
@@ -297,13 +303,6 @@ class TiedTokenHead(nn.Module):
             cols = cols + bias[self.tokens.index].to(cols.dtype)
         return out.index_copy(-1, self.tokens.index, cols.to(out.dtype))
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
 
 # ---- dropout on the adapter's input ---------------------------------------------------------------------------------
