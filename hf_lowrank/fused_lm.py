@@ -182,12 +182,10 @@ def _forward_plan(cls: type, decoder_name: str, head_name: str) -> _Plan | str:
                     cast_hidden = True
                 elif not isinstance(value.args[0], (ast.Name, ast.Subscript)):
                     return f"{name}.forward feeds the head something else than the hidden states: `{line}`"
-            elif value is not None and ast.unparse(value) == "logits":
-                pass  # logits = logits.float() / .contiguous()
-            elif _inside_if(node, parents, "final_logit_softcapping"):
+            elif value is None or ast.unparse(value) != "logits":  # `logits.float()` / `.contiguous()` are fine
+                if not _inside_if(node, parents, "final_logit_softcapping"):
+                    return f"{name}.forward changes the logits: `{line}`"
                 softcap = True
-            else:
-                return f"{name}.forward changes the logits: `{line}`"
         if "loss" in names:
             value = node.value
             ok = isinstance(node, ast.Assign) and (
