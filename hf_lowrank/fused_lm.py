@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
+from .inject import output_head
 from .layers import LoraLinear, SavedModule, dropout_unscaled
 from .loss import auto_chunk_size, linear_cross_entropy
 
@@ -82,14 +83,6 @@ class _Plan:
     softcap_attr: bool  # the forward soft-caps with config.final_logit_softcapping
     cast_hidden: bool  # the forward casts the hidden states to the head's dtype (Mamba-style)
     router_aux: bool  # the forward adds a router loss when output_router_logits (then the stock path is taken)
-
-
-def _output_head(model: nn.Module):
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if get is not None else None
-    except (NotImplementedError, AttributeError):
-        return None
 
 
 def _decoder(model: nn.Module):
@@ -212,7 +205,7 @@ def _plan(model: nn.Module) -> _Plan | str:
         return "not a transformers model (no config)"
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
-    head = _output_head(model)
+    head = output_head(model)
     if head is None:
         return "no output embeddings (get_output_embeddings() is None)"
     reason = _head_reason(head)
@@ -320,7 +313,7 @@ class _State:
 
 
 def _description(model: nn.Module, state: _State) -> str:
-    base, _ = _head_parts(_output_head(model))
+    base, _ = _head_parts(output_head(model))
     chunk = state.chunk_size or auto_chunk_size(base.weight.shape[0], base.weight.device)
     how = "backward recomputes the logits" if state.recompute else "gradients in the forward"
     return f"fused linear+cross-entropy (chunks of {chunk} tokens, {how}; no logits in training forwards)"

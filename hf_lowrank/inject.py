@@ -148,7 +148,7 @@ def token_targets(model: nn.Module, config: LowRankConfig) -> dict[str, list[int
 def wrap_tokens(model: nn.Module, config: LowRankConfig) -> None:
     """Wrap each `token_targets` embedding in `TrainableTokens`, and an output head tied to it in `TiedTokenHead`."""
     dtype = getattr(torch, config.adapter_dtype)
-    head = _output_head(model)
+    head = output_head(model)
     for name, ids in token_targets(model, config).items():
         parent_name, _, child = name.rpartition(".")
         base = model.get_submodule(name)
@@ -160,7 +160,8 @@ def wrap_tokens(model: nn.Module, config: LowRankConfig) -> None:
             setattr(model.get_submodule(parent_name), child, TiedTokenHead(head, tokens))
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output embeddings (`get_output_embeddings()`), or None when it has or declares none."""
     get = getattr(model, "get_output_embeddings", None)
     try:
         return get() if get is not None else None
@@ -170,7 +171,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 def resolve_targets(model: nn.Module, config: LowRankConfig) -> list[str]:
     """Names of the modules `config` adapts, with PEFT's matching rules; raises when none match."""
-    head = _output_head(model)
+    head = output_head(model)
     linear = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
     if config.target_modules == "all-linear":
         chosen = [n for n, m in linear if m is not head and n.split(".")[-1] not in HEAD_NAMES]
