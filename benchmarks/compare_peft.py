@@ -101,7 +101,7 @@ def _load_ours(path: str):
     import hf_lowrank.loading as hook
 
     timing = {}
-    real_inject = hook.inject
+    real_inject = hook._inject
 
     def timed_inject(model, config):
         t = time.perf_counter()
@@ -109,13 +109,13 @@ def _load_ours(path: str):
         timing["inject_s"] = time.perf_counter() - t
         return out
 
-    hook.inject = timed_inject  # only to split the one call's time into loading and injection
+    hook._inject = timed_inject  # only to split the one call's time into loading and injection
     try:
         t0 = time.perf_counter()
         model = hf_lowrank.from_pretrained(AutoModelForCausalLM, path, hf_lowrank.LowRankConfig(**LORA))
         total = time.perf_counter() - t0
     finally:
-        hook.inject = real_inject
+        hook._inject = real_inject
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, total - timing["inject_s"], timing["inject_s"]
 

@@ -61,12 +61,15 @@ def worker(args) -> dict:
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     compare_peft._common_imports()
+    from trl import DPOConfig, DPOTrainer  # noqa: F401  (every side: TRL's trainer modules are no side's cost)
+
     torch.set_num_threads(args.threads)
     if args.side.startswith("peft"):
         import peft  # noqa: F401
     import hf_lowrank
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    import_rss = compare_peft._rss_mib()
     compare_peft._reset_peak_rss()
     if args.side == "peft-dpo":
         model, _, _ = compare_peft._load_peft(args.model)
@@ -98,10 +101,14 @@ def worker(args) -> dict:
         trainer = trl.DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                                  processing_class=tokenizer, callbacks=callbacks)
         assert trainer.ref_model is None or not list(trainer.ref_model.parameters()), "a second model was built"
+    compare_peft._release_freed_memory()
+    built_rss = compare_peft._rss_mib()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"side": args.side, "step_s": statistics.median(times[args.warmup:]),
-            "peak_rss_mib": compare_peft._rss_mib("VmHWM"), "last_loss": losses[-1] if losses else float("nan")}
+    peak = compare_peft._rss_mib("VmHWM")
+    return {"side": args.side, "step_s": statistics.median(times[args.warmup:]), "peak_rss_mib": peak,
+            "import_rss_mib": import_rss, "built_rss_mib": built_rss, "train_rss_delta_mib": peak - built_rss,
+            "last_loss": losses[-1] if losses else float("nan")}
 
 
 def run(side: str, model: str, tok: str, a) -> dict:

@@ -125,6 +125,9 @@ class LowRankConfig:
             raise bad("init", self.init, f"one of {INITS}")
         if self.quantization not in QUANTIZATIONS:
             raise bad("quantization", self.quantization, f"one of {QUANTIZATIONS} (None = no quantization)")
+        if self.init == "loftq" and self.quantization is None:
+            raise bad("init", self.init, "'kaiming' or 'gaussian' with quantization=None (LoftQ starts the adapter at "
+                      "the 4-bit base's error, and an unquantized base has none), or quantization='nf4'")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise bad("compute_dtype", self.compute_dtype, f"one of {COMPUTE_DTYPES}")
         if self.adapter_dtype not in COMPUTE_DTYPES:

@@ -28,6 +28,7 @@ from .config import LowRankConfig
 from .format import AdapterError
 from .fused_lm import enable_fused_loss
 from .inject import inject as _inject
+from .inject import resolve_targets
 from .launch import current_device_map, for_launch
 from .quantize import bnb_config, prepare_for_kbit_training
 
@@ -64,31 +65,51 @@ def from_pretrained(model_cls: Any, name_or_path: str, lowrank_config: LowRankCo
     with bypassed():
         model = model_cls.from_pretrained(name_or_path, **hf_kwargs)
     prepare_for_kbit_training(model)
-    inject(model, config)
-    if config.init == "loftq" and config.quantization:
-        from .loftq import loftq_init
-
-        model.loftq_error_ratios = loftq_init(model, _local_checkpoint(name_or_path, hf_kwargs))
+    _inject_and_init(model, config, name_or_path, hf_kwargs)
     if config.fused_loss:
         enable_fused_loss(model)  # a no-op (the stock path) for anything but a supported causal LM
     return model
 
 
+def _inject_and_init(model: nn.Module, config: LowRankConfig | None, name_or_path: str,
+                     hf_kwargs: dict[str, Any]) -> None:
+    """Inject and attach; with init="loftq", A and B from the 16-bit weights `name_or_path` holds (checked first:
+    a bad source leaves the model as it was)."""
+    if config is None or config.init != "loftq":
+        _inject(model, config)
+        attach(model)
+        return
+    from .loftq import loftq_init, loftq_plan
+
+    plan = loftq_plan(model, _local_checkpoint(name_or_path, hf_kwargs), resolve_targets(model, config))
+    _inject(model, config)
+    attach(model)
+    model.loftq_error_ratios = loftq_init(model, plan)
+
+
 def _local_checkpoint(name_or_path: str, hf_kwargs: dict[str, Any]) -> Path:
     """The folder holding the checkpoint `from_pretrained` just read: the path itself, or its Hub cache snapshot."""
-    if Path(name_or_path).is_dir():
+    if name_or_path and Path(name_or_path).is_dir():
         return Path(name_or_path)
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return Path(snapshot_download(name_or_path, revision=hf_kwargs.get("revision"), local_files_only=True,
-                                  allow_patterns=["*.json", "*.safetensors"]))
+    fix = "load the model with hf_lowrank.from_pretrained(cls, path, LowRankConfig(init='loftq'))"
+    if not name_or_path:
+        raise ValueError(f"init='loftq' reads the 16-bit weights the model was loaded from, and this model does not "
+                         f"say where that was (model.name_or_path is empty): {fix}")
+    try:
+        return Path(snapshot_download(name_or_path, revision=hf_kwargs.get("revision"), local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors"]))
+    except (LocalEntryNotFoundError, ValueError) as e:
+        raise ValueError(f"init='loftq' reads the 16-bit weights the model was loaded from, and {name_or_path!r} is "
+                         f"neither a local folder nor in the Hub cache ({type(e).__name__}): {fix}") from None
 
 
 def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
     """Put LoRA layers into `model` (see `hf_lowrank.inject.inject`); a transformers model is also attached, so
     the Trainer and `save_pretrained` treat it as an adapter model. Returns the same model object."""
-    _inject(model, config)
-    attach(model)
+    _inject_and_init(model, config, getattr(model, "name_or_path", "") or "", {})  # LoftQ: the model's source
     return model
 
 

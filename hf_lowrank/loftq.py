@@ -49,31 +49,47 @@ def _checkpoint_key(name: str, keys: dict[str, Path], prefix: str) -> str | None
     return None
 
 
-@torch.no_grad()
-def loftq_init(model: nn.Module, checkpoint: str | Path) -> dict[str, float]:
-    """Set A and B of every LoRA layer over a 4-bit weight from the SVD of its quantization error; returns the
-    error ratio of each layer (module name → ratio). Layers over 16-bit weights are left as they are."""
-    from safetensors import safe_open
+def loftq_plan(model: nn.Module, checkpoint: str | Path, names: list[str]) -> dict[str, tuple[Path, str, bool]]:
+    """Where each target module over a 4-bit weight finds its 16-bit W: name → (file, key, stored (in, out)).
 
+    Called before the adapters are injected, so a checkpoint that lacks one of those weights is refused (the error
+    names it) with the model unchanged.
+    """
     keys = _checkpoint_files(Path(checkpoint))
     prefix = getattr(model, "base_model_prefix", "") or ""
     conv1d = _conv1d_modules(model)
-    ratios: dict[str, float] = {}
-    for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)):
-        if not is_4bit(layer.base_layer):
+    plan = {}
+    for name in names:
+        if not is_4bit(model.get_submodule(name)):
             continue
         key = _checkpoint_key(name, keys, prefix)
         if key is None:
             raise ValueError(f"init='loftq': {name}.weight is not in {checkpoint}'s safetensors")
-        with safe_open(keys[key], framework="pt") as f:
+        plan[name] = (keys[key], key, name in conv1d)
+    return plan
+
+
+@torch.no_grad()
+def loftq_init(model: nn.Module, plan: dict[str, tuple[Path, str, bool]]) -> dict[str, float]:
+    """Set A and B of every LoRA layer in `plan` (`loftq_plan`) from the SVD of its quantization error; returns the
+    error ratio of each layer (module name → ratio)."""
+    from safetensors import safe_open
+
+    ratios: dict[str, float] = {}
+    for name, (file, key, transposed) in plan.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LoraLinear), name
+        with safe_open(file, framework="pt") as f:
             w = f.get_tensor(key).float()
-        if name in conv1d:  # GPT-2's Conv1D stores (in, out)
+        if transposed:  # GPT-2's Conv1D stores (in, out)
             w = w.T
         error = w - dense_weight(layer.base_layer, torch.float32)  # (out, in)
         u, s, vh = torch.linalg.svd(error, full_matrices=False)
         root = (s[: layer.r] / layer.scaling).sqrt()  # (r,)
         layer.lora_B.weight.copy_(u[:, : layer.r] * root)  # (out, r)
         layer.lora_A.weight.copy_(root[:, None] * vh[: layer.r])  # (r, in)
+        if layer.lora_magnitude_vector is not None:  # DoRA: m = ‖W0 + s·B·A‖, so y = (W0 + s·B·A)·x at the start
+            layer.lora_magnitude_vector.copy_(layer.weight_norm(torch.float32))
         rest = error - layer.delta_weight().float()
         ratios[name] = (rest.norm() / error.norm().clamp_min(1e-12)).item()
     if ratios:

@@ -98,3 +98,16 @@ def test_dpo_benchmark_smoke_prints_every_row():
                                                        "DPO peak RSS vs our SFT peak (ours-sft)"]
     assert all("≤ 0.9" in r for r in rows[:2]) and "≤ 1.15" in rows[2]
     assert "Last DPO loss: ours nan" not in out  # both sides really trained and logged a loss
+
+
+def test_quality_smoke_prints_dora_cost_and_file_sizes():
+    import re
+
+    out = _run("quality.py", "--smoke")
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| (LoRA|DoRA) \| ([\d.]+) ms .*? \| ([\d.]+) MiB .*? \| ([-\d.]+) MiB",
+                                             out, re.M)}
+    assert set(rows) == {"LoRA", "DoRA"}, out
+    # DoRA keeps more for its backward than LoRA on the same model and batch (g⊙W0·x and g⊙s·B·A·x, per layer)
+    assert float(rows["DoRA"][1]) > float(rows["LoRA"][1]) > 0, rows
+    assert "| + 3 token rows (trainable_token_indices) | 62,144 | 3,208 |" in out, out
+    assert "| + embed_tokens as modules_to_save | 1,110,728 | 1,051,792 |" in out, out
