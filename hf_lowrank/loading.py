@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import types
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .config import LowRankConfig
 from .format import AdapterError
 from .fused_lm import enable_fused_loss
 from .inject import inject as _inject
-from .inject import resolve_targets
+from .inject import output_head, resolve_targets
 from .launch import current_device_map, for_launch
 from .quantize import bnb_config, prepare_for_kbit_training
 
@@ -120,6 +121,18 @@ def attach(model: nn.Module) -> None:
         return
     model._hf_peft_config_loaded = True
     model.save_pretrained = types.MethodType(_save_pretrained, model)
+    head = output_head(model)
+    if isinstance(getattr(head, "weight", None), torch.Tensor):
+        _HEADS[id(head.weight)] = head.weight
+
+
+#: the output-head weights of attached models (id → tensor): what TRL's chunked head may compute with ours.
+_HEADS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def is_our_head(weight: Any) -> bool:
+    """Whether `weight` is the output-head weight of a model hf_lowrank attached."""
+    return _HEADS.get(id(weight)) is weight
 
 
 def _save_pretrained(self, save_directory, *, is_main_process: bool = True, state_dict=None, push_to_hub=False,

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("hf_lowrank")
 
-__all__ = ["auto_chunk_size", "linear_cross_entropy"]
+__all__ = ["auto_chunk_size", "linear_cross_entropy", "linear_log_probs"]
 
 #: bytes of fp32 logits one chunk may hold, by device type (the chunk's other temporaries are about 1.5× that).
 CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
@@ -294,3 +294,121 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 _, _, dz, x, uc = chunks.loss_and_grad(r, y, scale, True, lse=lse_all[start:start + opts.chunk])
                 chunks.grads_into(dz, r, x, uc, grads)
         return (*grads.out(weight, bias, w2), None, None, None, None)
+
+
+# ---- per-token log-probabilities of a frozen head (TRL's fused LM head, `integrations.trl`) -------------------------
+
+#: the optional per-token outputs of `linear_log_probs`, in TRL's order (after `log_probs`).
+LOG_PROB_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                     bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
+                     logit_scale: float = 1.0, outputs: tuple[str, ...] = LOG_PROB_OUTPUTS,
+                     chunk_size: int | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Per-token statistics of p = softmax(z), z = cap·tanh(logit_scale·(x·Wᵀ + b) / cap) / temperature, chunk by
+    chunk (no (N, vocab) tensor beyond one chunk's buffers), for a **frozen** head.
+
+    ``hidden`` (N, H), ``weight`` (V, H), ``targets`` (N,) in [0, V). Returns ``(log_probs, entropy,
+    log_sum_sq_probs, mean_logits, is_top1)``, each (N,) fp32 (``is_top1`` bool), ``None`` when not in ``outputs``:
+    log p[target], −Σ p·log p, log Σ p², mean z, and whether the target is the first argmax of z. Gradients reach
+    ``hidden`` through ``log_probs`` and ``entropy``; both are computed in the forward, per chunk, as vectors of the
+    hidden size (d log p_t / dx = c·(onehot − p)·W and d H / dx = −c·(p ⊙ (z − Σ p·z))·W, c the transform's
+    derivative), and the backward only combines them with the incoming gradients: exact for any upstream.
+    A head that requires grad is refused (ValueError).
+    """
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("linear_log_probs takes a frozen head: the weight (or bias) requires grad")
+    needs = torch.is_grad_enabled() and hidden.requires_grad
+    opts = _Opts(chunk=int(chunk_size) if chunk_size else auto_chunk_size(weight.shape[0], weight.device),
+                 softcap=float(softcap) if softcap else None, needs=(needs, False, False, False, False),
+                 recompute=False, dtype=_compute_dtype(weight.device, hidden.dtype))
+    transform = (float(logit_scale), 1.0 / float(temperature), tuple(outputs))
+    return _LinearLogProbs.apply(hidden, weight, bias, targets, opts, transform)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, opts: _Opts, transform):
+        scale, inv_t, outputs = transform
+        n_rows, vocab = h.shape[0], weight.shape[0]
+        out = {k: torch.empty(n_rows, dtype=torch.float32, device=weight.device)
+               for k in ("log_probs", *outputs) if k != "is_top1"}
+        top1 = torch.empty(n_rows, dtype=torch.bool, device=weight.device) if "is_top1" in outputs else None
+        ctx.set_materialize_grads(False)
+        want = opts.needs[0]
+        ga = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want else None
+        gb = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want and "entropy" in outputs else None
+        with torch.autocast(weight.device.type, enabled=False):
+            chunks = _Chunks(h, weight, bias, None, None, opts, n_rows)
+            ebuf = torch.empty_like(chunks.fbuf)
+            for start in range(0, n_rows, opts.chunk):
+                r = torch.arange(start, min(start + opts.chunk, n_rows), device=weight.device)
+                y = targets[start:start + r.numel()].to(weight.device)
+                _, _, z = chunks.logits(r)
+                f = chunks.fbuf[:r.numel()]
+                if f is not z:
+                    f.copy_(z)
+                if scale != 1.0:
+                    f.mul_(scale)
+                dcap = None
+                if opts.softcap is not None:  # z = cap·tanh(y / cap); keep 1 − tanh² for the gradient
+                    dcap = torch.tanh(f.div_(opts.softcap), out=chunks.tbuf[:r.numel()])
+                    f.copy_(dcap).mul_(opts.softcap)
+                    dcap.square_().neg_().add_(1)
+                if inv_t != 1.0:
+                    f.mul_(inv_t)  # f = z (fp32), the transformed logits
+                sl = slice(start, start + r.numel())
+                if "mean_logits" in out:
+                    out["mean_logits"][sl] = f.sum(1) / vocab
+                if top1 is not None:
+                    top1[sl] = f.argmax(1) == y
+                target = f.gather(1, y.unsqueeze(1)).squeeze(1)
+                m = f.amax(1, keepdim=True)
+                e = torch.exp(f.sub_(m), out=ebuf[:r.numel()])  # f = z − max, e = exp(z − max)
+                s = e.sum(1)
+                out["log_probs"][sl] = target - m.squeeze(1) - s.log()
+                ef = (e.unsqueeze(1) @ f.unsqueeze(2)).view(-1) / s  # Σ p·(z − max), without an (n, V) product
+                if "entropy" in out:
+                    out["entropy"][sl] = s.log() - ef
+                if "log_sum_sq_probs" in out:
+                    out["log_sum_sq_probs"][sl] = (e.unsqueeze(1) @ e.unsqueeze(2)).view(-1).log() - 2 * s.log()
+                if ga is None:
+                    continue
+                p = e.div_(s.unsqueeze(1))  # (n, V) softmax
+                chain = inv_t * scale
+                if gb is not None:  # dH/dz = −p ⊙ (z − Σ p·z)
+                    b = f.sub_(ef.unsqueeze(1)).mul_(p).neg_()
+                    _chain_into(b, dcap, chain, z)
+                    gb[sl] = z @ chunks.weight  # (n, V) @ (V, H)
+                a = p.neg_().scatter_add_(1, y.unsqueeze(1), torch.ones_like(s).unsqueeze(1))  # onehot − p
+                _chain_into(a, dcap, chain, z)
+                ga[sl] = z @ chunks.weight
+        if ga is not None:
+            ctx.save_for_backward(ga, gb)
+        ctx.hidden_dtype = h.dtype
+        ctx.mark_non_differentiable(*(x for k, x in out.items() if k in ("log_sum_sq_probs", "mean_logits")),
+                                    *([top1] if top1 is not None else []))
+        return tuple(top1 if k == "is_top1" else out.get(k) for k in ("log_probs", *LOG_PROB_OUTPUTS))
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, *_):
+        if not ctx.saved_tensors:
+            return (None,) * 6
+        ga, gb = ctx.saved_tensors
+        gh = None
+        if g_logp is not None:
+            gh = ga * g_logp.float().unsqueeze(1)
+        if g_ent is not None and gb is not None:
+            gh = gb * g_ent.float().unsqueeze(1) if gh is None else gh.addcmul_(gb, g_ent.float().unsqueeze(1))
+        return (None if gh is None else gh.to(ctx.hidden_dtype)), None, None, None, None, None
+
+
+def _chain_into(dz: torch.Tensor, dcap: torch.Tensor | None, chain: float, out: torch.Tensor) -> None:
+    """out ← dz·chain (·(1 − tanh²) under a soft-cap), in out's dtype: d/d(x·Wᵀ + b) from d/dz."""
+    if dcap is not None:
+        dz.mul_(dcap)
+    if chain != 1.0:
+        dz.mul_(chain)
+    if out is not dz:
+        out.copy_(dz)

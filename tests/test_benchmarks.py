@@ -94,8 +94,9 @@ def test_dpo_benchmark_smoke_prints_every_row():
     asserted: a smoke run measures nothing)."""
     out = _run("dpo.py", "--smoke", timeout=600)
     rows = [line for line in out.splitlines() if line.startswith("| DPO ")]
-    assert [r.split("|")[1].strip() for r in rows] == ["DPO train step (peft-dpo)", "DPO peak RSS (peft-dpo)",
-                                                       "DPO peak RSS vs our SFT peak (ours-sft)"]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "DPO train step (peft-dpo)", "DPO peak RSS (peft-dpo)", "DPO peak RSS vs our SFT peak (ours-sft)",
+        "DPO training peak above the start (peft-dpo)", "DPO training peak above the start vs our SFT's (ours-sft)"]
     assert all("≤ 0.9" in r for r in rows[:2]) and "≤ 1.15" in rows[2]
     assert "Last DPO loss: ours nan" not in out  # both sides really trained and logged a loss
 

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..inject import disabled_adapters
+from ..loading import is_our_head
+from ..loss import LOG_PROB_OUTPUTS, linear_log_probs
 from .registry import install, register, wraps
 from .transformers import ours, update_adapter_card
 
@@ -136,10 +138,38 @@ def _wrap_create_model_card(original):
     return wraps(original, create_model_card)
 
 
+@register("trl.trainer.utils:_ChunkedLogProbFunction", group="trl.logprobs",
+          test="tests/test_trl_logprobs.py::test_trl_fused_head_runs_ours_for_our_models_only",
+          why="""Where TRL has no Triton kernel (CPU), its fused LM head (add_fused_lm_head, every trainer's
+          fused_lm_head=True forwards) folds tiles of 4,096 tokens × 32,768 vocab with torch ops that each make an
+          fp32 copy of the tile (about eight alive at once: ~75 MiB at 1,144 tokens × 2,048, GiBs at a 128k
+          vocabulary) and recomputes every tile in the backward. For the frozen head of our models,
+          loss.linear_log_probs computes the same per-token values in chunks of the loss's budget, with the
+          gradient taken in the forward; trainable heads, other models and Triton devices keep TRL's.""")
+def _wrap_log_probs(original):
+    class ChunkedLogProbFunction:
+        """TRL's `ChunkedLogProbFunction.apply`, through `hf_lowrank.loss.linear_log_probs` where it is ours."""
+
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+                  logit_scale=1.0, outputs=LOG_PROB_OUTPUTS):
+            frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
+            if hidden.device.type != "cpu" or not frozen or not is_our_head(weight):
+                return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                      final_logit_softcapping, logit_scale, outputs)
+            return linear_log_probs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                    softcap=final_logit_softcapping, logit_scale=logit_scale, outputs=outputs)
+
+    ChunkedLogProbFunction.__wrapped__ = original
+    return ChunkedLogProbFunction
+
+
 # ---- installing when TRL is imported ------------------------------------------------------------------------------
 
 
 BASE_TRAINER = "trl.trainer.base_trainer"
+UTILS = "trl.trainer.utils"
+WATCHED = {BASE_TRAINER, UTILS, *TRAINERS}
 
 
 def _install_module(name: str) -> None:
@@ -149,13 +179,15 @@ def _install_module(name: str) -> None:
     module = sys.modules.get(name)
     if name == BASE_TRAINER and hasattr(module, "_BaseTrainer"):
         install("trl.card")
+    elif name == UTILS and hasattr(module, "_ChunkedLogProbFunction"):
+        install("trl.logprobs")
     elif name in TRAINERS and hasattr(module, TRAINERS[name][0]):
         install("trl." + TRAINERS[name][0])
 
 
 def install_loaded() -> None:
     """Install the patches of every TRL module that is already imported."""
-    for name in (BASE_TRAINER, *TRAINERS):
+    for name in (UTILS, BASE_TRAINER, *TRAINERS):
         _install_module(name)
 
 
@@ -164,7 +196,7 @@ class _AfterImport:
     it imported (TRL is heavy and optional: it is never imported for the user's sake)."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != BASE_TRAINER and name not in TRAINERS:
+        if name not in WATCHED:
             return None
         import importlib.machinery
         import sys
