@@ -15,6 +15,7 @@ import hf_lowrank
 import hf_lowrank.state
 from hf_lowrank import LowRankConfig
 from hf_lowrank.inject import adapter_modules
+from hf_lowrank.loading import bypassed
 from hf_lowrank.state import read_adapter
 
 # ---- LoRA+ ----------------------------------------------------------------------------------------------------
@@ -66,6 +67,20 @@ def test_loraplus_groups_paged_default_and_explicit_optim(tiny_llama, tmp_path):
     trainer.train()
     assert type(trainer.optimizer.optimizer).__module__.startswith("torch.optim")
     assert _group_lrs(trainer) == {"A": {1e-3}, "B": {4e-3}}
+    # a LoRA+ adapter is a plain LoRA file: PEFT and our merge give the trained model's outputs
+    from peft import PeftModel
+
+    trainer.save_model(str(tmp_path / "b" / "final"))
+    x = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model.eval()(x).logits
+        with bypassed():  # transformers' own from_pretrained: the plain base
+            base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+            plain = base(x).logits
+            peft_model = PeftModel.from_pretrained(base, str(tmp_path / "b" / "final")).eval()
+        torch.testing.assert_close(peft_model(x).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf_lowrank.merge(model)(x).logits, want, rtol=1e-4, atol=1e-4)
+        assert (want - plain).abs().max() > 1e-3  # the adapter trained
     # without a ratio: one learning rate
     hf_lowrank.enable(r=4, quantization=None)
     plain = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), args=_args(tmp_path / "c", max_steps=1),
