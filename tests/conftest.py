@@ -102,6 +102,20 @@ def tokens(batch: int = 2, seq: int = 16, vocab: int = 256, seed: int = 0) -> to
     return torch.randint(1, vocab, (batch, seq), generator=g)
 
 
+class Motifs(torch.utils.data.Dataset):
+    """`n` causal-LM rows of 4 repeated 8-token motifs (learnable in a few steps): input_ids = labels."""
+
+    def __init__(self, n: int = 32):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        ids = torch.randint(1, 256, (8,), generator=torch.Generator().manual_seed(i % 4)).repeat(2)
+        return {"input_ids": ids, "labels": ids}
+
+
 def randomize_b(model, seed: int = 1, std: float = 0.05):
     """Random B matrices (so the adapter changes the output); returns the model in eval mode."""
     import hf_lowrank

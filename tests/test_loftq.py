@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import llama_config, tokens
+from conftest import Motifs, llama_config, tokens
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 import hf_lowrank
@@ -172,15 +172,6 @@ def test_loftq_on_a_model_you_loaded_and_bad_sources(heavy_llama, tmp_path):
         hf_lowrank.LowRankConfig(init="loftq", quantization=None)
 
 
-class _Motifs(torch.utils.data.Dataset):
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        ids = torch.randint(1, 256, (8,), generator=torch.Generator().manual_seed(i % 4)).repeat(2)
-        return {"input_ids": ids, "labels": ids}
-
-
 @pytest.mark.parametrize("api", ["two lines", "explicit"])
 def test_dora_and_loftq_through_the_trainer_checkpoints_and_resume(heavy_llama, tmp_path, api):
     """DoRA over NF4 with the LoftQ init, under the two lines and with from_pretrained + LowRankCallback:
@@ -204,7 +195,7 @@ def test_dora_and_loftq_through_the_trainer_checkpoints_and_resume(heavy_llama, 
         start = {k: p.detach().clone() for k, p in adapter_modules(model).parameters().items()}
         args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, report_to=[],
                                  use_cpu=True, learning_rate=1e-2, logging_steps=1, optim="adamw_torch", **args)
-        Trainer(model=model, args=args, train_dataset=_Motifs(), callbacks=callbacks).train(
+        Trainer(model=model, args=args, train_dataset=Motifs(16), callbacks=callbacks).train(
             resume_from_checkpoint=resume)
         return start, {k: p.detach().clone() for k, p in adapter_modules(model).parameters().items()}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Motifs
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -19,15 +20,6 @@ from hf_lowrank.loading import bypassed
 from hf_lowrank.state import read_adapter
 
 # ---- LoRA+ ----------------------------------------------------------------------------------------------------
-
-
-class Motifs(torch.utils.data.Dataset):
-    def __len__(self):
-        return 32
-
-    def __getitem__(self, i):
-        ids = torch.randint(1, 256, (8,), generator=torch.Generator().manual_seed(i % 4)).repeat(2)
-        return {"input_ids": ids, "labels": ids}
 
 
 def _args(out, **kw):
