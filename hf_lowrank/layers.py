@@ -303,6 +303,17 @@ class TiedTokenHead(_Wrapper):
             cols = cols + bias[self.tokens.index].to(cols.dtype)
         return out.index_copy(-1, self.tokens.index, cols.to(out.dtype))
 
+    def low_rank(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This head's change to the plain logits h·Eᵀ as u·Pᵀ: u = h·(R − E[i₁…i_k])ᵀ (…, k) and P the (vocab, k)
+        one-hot columns of the tokens (for chunked heads that read `weight` only); None while disabled."""
+        if self.tokens.disabled:
+            return None
+        weight = self.base_layer.weight
+        delta = self.tokens.trainable_tokens_delta.to(h.dtype) - weight[self.tokens.index].to(h.dtype)  # (k, d)
+        cols = torch.zeros(weight.shape[0], len(self.tokens.index), dtype=h.dtype, device=h.device)
+        cols[self.tokens.index, torch.arange(len(self.tokens.index), device=h.device)] = 1
+        return F.linear(h, delta), cols
+
 
 
 # ---- dropout on the adapter's input ---------------------------------------------------------------------------------

@@ -123,16 +123,17 @@ def attach(model: nn.Module) -> None:
     model.save_pretrained = types.MethodType(_save_pretrained, model)
     head = output_head(model)
     if isinstance(getattr(head, "weight", None), torch.Tensor):
-        _HEADS[id(head.weight)] = head.weight
+        _HEADS[id(head.weight)] = head
 
 
-#: the output-head weights of attached models (id → tensor): what TRL's chunked head may compute with ours.
-_HEADS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+#: the output heads of attached models, by id of the weight they show (what TRL's chunked head reads).
+_HEADS: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 
 
-def is_our_head(weight: Any) -> bool:
-    """Whether `weight` is the output-head weight of a model hf_lowrank attached."""
-    return _HEADS.get(id(weight)) is weight
+def our_head(weight: Any) -> nn.Module | None:
+    """The output head of a model hf_lowrank attached whose `weight` is `weight`, else None."""
+    head = _HEADS.get(id(weight))
+    return head if head is not None and getattr(head, "weight", None) is weight else None
 
 
 def _save_pretrained(self, save_directory, *, is_main_process: bool = True, state_dict=None, push_to_hub=False,

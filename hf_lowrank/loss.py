@@ -305,46 +305,56 @@ LOG_PROB_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                      bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
                      logit_scale: float = 1.0, outputs: tuple[str, ...] = LOG_PROB_OUTPUTS,
+                     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
                      chunk_size: int | None = None) -> tuple[torch.Tensor | None, ...]:
-    """Per-token statistics of p = softmax(z), z = cap·tanh(logit_scale·(x·Wᵀ + b) / cap) / temperature, chunk by
-    chunk (no (N, vocab) tensor beyond one chunk's buffers), for a **frozen** head.
+    """Per-token statistics of p = softmax(z), z = cap·tanh(logit_scale·(x·Wᵀ + u·W2ᵀ + b) / cap) / temperature,
+    chunk by chunk (no (N, vocab) tensor beyond one chunk's buffers), for a **frozen** head W (and W2).
 
-    ``hidden`` (N, H), ``weight`` (V, H), ``targets`` (N,) in [0, V). Returns ``(log_probs, entropy,
-    log_sum_sq_probs, mean_logits, is_top1)``, each (N,) fp32 (``is_top1`` bool), ``None`` when not in ``outputs``:
-    log p[target], −Σ p·log p, log Σ p², mean z, and whether the target is the first argmax of z. Gradients reach
-    ``hidden`` through ``log_probs`` and ``entropy``; both are computed in the forward, per chunk, as vectors of the
-    hidden size (d log p_t / dx = c·(onehot − p)·W and d H / dx = −c·(p ⊙ (z − Σ p·z))·W, c the transform's
-    derivative), and the backward only combines them with the incoming gradients: exact for any upstream.
-    A head that requires grad is refused (ValueError).
+    ``hidden`` (N, H), ``weight`` (V, H), ``targets`` (N,) in [0, V); ``low_rank=(u, w2)``, u (N, k) and w2 (V, k),
+    adds u·W2ᵀ to the logits (e.g. trained token columns: `layers.TiedTokenHead.low_rank`). Returns ``(log_probs,
+    entropy, log_sum_sq_probs, mean_logits, is_top1)``, each (N,) fp32 (``is_top1`` bool), ``None`` when not in
+    ``outputs``: log p[target], −Σ p·log p, log Σ p², mean z, and whether the target is the first argmax of z.
+    Gradients reach ``hidden`` and ``u`` through ``log_probs`` and ``entropy``; both are computed in the forward,
+    per chunk, as vectors of their width (d log p_t / dx = c·(onehot − p)·W and d H / dx = −c·(p ⊙ (z − Σ p·z))·W,
+    c the transform's derivative; the same with W2 for u), and the backward only combines them with the incoming
+    gradients: exact for any upstream. A head that requires grad is refused (ValueError).
     """
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        raise ValueError("linear_log_probs takes a frozen head: the weight (or bias) requires grad")
-    needs = torch.is_grad_enabled() and hidden.requires_grad
+    u, w2 = low_rank if low_rank is not None else (None, None)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, w2)):
+        raise ValueError("linear_log_probs takes a frozen head: the weight (or bias, or w2) requires grad")
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, False, False, grad_on and u is not None and u.requires_grad, False)
     opts = _Opts(chunk=int(chunk_size) if chunk_size else auto_chunk_size(weight.shape[0], weight.device),
-                 softcap=float(softcap) if softcap else None, needs=(needs, False, False, False, False),
-                 recompute=False, dtype=_compute_dtype(weight.device, hidden.dtype))
+                 softcap=float(softcap) if softcap else None, needs=needs, recompute=False,
+                 dtype=_compute_dtype(weight.device, hidden.dtype))
     transform = (float(logit_scale), 1.0 / float(temperature), tuple(outputs))
-    return _LinearLogProbs.apply(hidden, weight, bias, targets, opts, transform)
+    return _LinearLogProbs.apply(hidden, weight, bias, targets, u, w2, opts, transform)
 
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, opts: _Opts, transform):
+    def forward(ctx, h, weight, bias, targets, u, w2, opts: _Opts, transform):
         scale, inv_t, outputs = transform
-        n_rows, vocab = h.shape[0], weight.shape[0]
-        out = {k: torch.empty(n_rows, dtype=torch.float32, device=weight.device)
-               for k in ("log_probs", *outputs) if k != "is_top1"}
-        top1 = torch.empty(n_rows, dtype=torch.bool, device=weight.device) if "is_top1" in outputs else None
+        n_rows, vocab, dev = h.shape[0], weight.shape[0], weight.device
+        out = {k: torch.empty(n_rows, dtype=torch.float32, device=dev) for k in ("log_probs", *outputs)
+               if k != "is_top1"}
+        top1 = torch.empty(n_rows, dtype=torch.bool, device=dev) if "is_top1" in outputs else None
         ctx.set_materialize_grads(False)
-        want = opts.needs[0]
-        ga = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want else None
-        gb = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want and "entropy" in outputs else None
-        with torch.autocast(weight.device.type, enabled=False):
-            chunks = _Chunks(h, weight, bias, None, None, opts, n_rows)
+
+        def zeros(t, need):  # per-row gradient vectors of an input, fp32
+            return torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
+
+        # d log p / d input and d entropy / d input, per row: for hidden (through W) and for u (through W2)
+        ga = [zeros(h, opts.needs[0]), zeros(u, opts.needs[3]) if u is not None else None]
+        gb = [t if "entropy" in outputs else None for t in (zeros(h, opts.needs[0]),
+                                                             zeros(u, opts.needs[3]) if u is not None else None)]
+        with torch.autocast(dev.type, enabled=False):
+            chunks = _Chunks(h, weight, bias, u, w2, opts, n_rows)
+            mats = (chunks.weight, chunks.w2)
             ebuf = torch.empty_like(chunks.fbuf)
             for start in range(0, n_rows, opts.chunk):
-                r = torch.arange(start, min(start + opts.chunk, n_rows), device=weight.device)
-                y = targets[start:start + r.numel()].to(weight.device)
+                r = torch.arange(start, min(start + opts.chunk, n_rows), device=dev)
+                sl, y = slice(start, start + r.numel()), targets[start:start + r.numel()].to(dev)
                 _, _, z = chunks.logits(r)
                 f = chunks.fbuf[:r.numel()]
                 if f is not z:
@@ -358,7 +368,6 @@ class _LinearLogProbs(torch.autograd.Function):
                     dcap.square_().neg_().add_(1)
                 if inv_t != 1.0:
                     f.mul_(inv_t)  # f = z (fp32), the transformed logits
-                sl = slice(start, start + r.numel())
                 if "mean_logits" in out:
                     out["mean_logits"][sl] = f.sum(1) / vocab
                 if top1 is not None:
@@ -373,35 +382,40 @@ class _LinearLogProbs(torch.autograd.Function):
                     out["entropy"][sl] = s.log() - ef
                 if "log_sum_sq_probs" in out:
                     out["log_sum_sq_probs"][sl] = (e.unsqueeze(1) @ e.unsqueeze(2)).view(-1).log() - 2 * s.log()
-                if ga is None:
+                if not any(t is not None for t in ga):
                     continue
                 p = e.div_(s.unsqueeze(1))  # (n, V) softmax
-                chain = inv_t * scale
-                if gb is not None:  # dH/dz = −p ⊙ (z − Σ p·z)
-                    b = f.sub_(ef.unsqueeze(1)).mul_(p).neg_()
-                    _chain_into(b, dcap, chain, z)
-                    gb[sl] = z @ chunks.weight  # (n, V) @ (V, H)
+                if any(t is not None for t in gb):  # dH/dz = −p ⊙ (z − Σ p·z)
+                    _chain_into(f.sub_(ef.unsqueeze(1)).mul_(p).neg_(), dcap, inv_t * scale, z)
+                    _rows_into(gb, mats, z, sl)
                 a = p.neg_().scatter_add_(1, y.unsqueeze(1), torch.ones_like(s).unsqueeze(1))  # onehot − p
-                _chain_into(a, dcap, chain, z)
-                ga[sl] = z @ chunks.weight
-        if ga is not None:
-            ctx.save_for_backward(ga, gb)
-        ctx.hidden_dtype = h.dtype
+                _chain_into(a, dcap, inv_t * scale, z)
+                _rows_into(ga, mats, z, sl)
+        ctx.save_for_backward(*ga, *gb)
+        ctx.dtypes = (h.dtype, None if u is None else u.dtype)
         ctx.mark_non_differentiable(*(x for k, x in out.items() if k in ("log_sum_sq_probs", "mean_logits")),
                                     *([top1] if top1 is not None else []))
         return tuple(top1 if k == "is_top1" else out.get(k) for k in ("log_probs", *LOG_PROB_OUTPUTS))
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, *_):
-        if not ctx.saved_tensors:
-            return (None,) * 6
-        ga, gb = ctx.saved_tensors
-        gh = None
-        if g_logp is not None:
-            gh = ga * g_logp.float().unsqueeze(1)
-        if g_ent is not None and gb is not None:
-            gh = gb * g_ent.float().unsqueeze(1) if gh is None else gh.addcmul_(gb, g_ent.float().unsqueeze(1))
-        return (None if gh is None else gh.to(ctx.hidden_dtype)), None, None, None, None, None
+        ga_h, ga_u, gb_h, gb_u = ctx.saved_tensors
+        grads = []
+        for a, b, dtype in ((ga_h, gb_h, ctx.dtypes[0]), (ga_u, gb_u, ctx.dtypes[1])):
+            g = None
+            if g_logp is not None and a is not None:
+                g = a * g_logp.float().unsqueeze(1)
+            if g_ent is not None and b is not None:
+                g = b * g_ent.float().unsqueeze(1) if g is None else g.addcmul_(b, g_ent.float().unsqueeze(1))
+            grads.append(None if g is None else g.to(dtype))
+        return grads[0], None, None, None, grads[1], None, None, None
+
+
+def _rows_into(store: list, mats: tuple, dz: torch.Tensor, sl: slice) -> None:
+    """store[i][sl] ← dz·mats[i] (fp32) for each input that wants its gradient: (n, V) @ (V, H or k)."""
+    for t, mat in zip(store, mats, strict=True):
+        if t is not None:
+            t[sl] = dz @ mat
 
 
 def _chain_into(dz: torch.Tensor, dcap: torch.Tensor | None, chain: float, out: torch.Tensor) -> None:

@@ -153,3 +153,50 @@ def test_trl_fused_head_runs_ours_for_our_models_only(tmp_path):
     assert _rel(out.log_probs.detach(), again.log_probs.detach()) < 1e-5
     for n, g in grads.items():
         assert _rel(g, dict(ours.named_parameters())[n].grad) < 1e-4, n
+
+
+def test_low_rank_term_and_its_gradient_match_the_full_logits():
+    hidden, weight, _, targets = _inputs(torch.float32, False, seed=4)
+    g = torch.Generator().manual_seed(5)
+    u0, w2 = torch.randn(len(targets), 3, generator=g), torch.randn(weight.shape[0], 3, generator=g)
+    g_lp, g_ent = torch.randn(len(targets), generator=g), torch.randn(len(targets), generator=g)
+    res = []
+    for fn in ("ours", "full"):
+        x, u = hidden.clone().requires_grad_(), u0.clone().requires_grad_()
+        if fn == "ours":
+            out = linear_log_probs(x, weight, targets, low_rank=(u, w2), chunk_size=16, temperature=0.8)
+        else:
+            out = _reference(torch.cat([x, u], 1), torch.cat([weight, w2], 1), None, targets, temperature=0.8)
+        (out[0] * g_lp + out[1] * g_ent).sum().backward()
+        res.append((out, x.grad, u.grad))
+    (ours, gx, gu), (full, gx_ref, gu_ref) = res
+    assert _rel(ours[0], full[0]) < 1e-5 and _rel(ours[1], full[1]) < 1e-5
+    assert _rel(gx, gx_ref) < 1e-5 and _rel(gu, gu_ref) < 1e-5 and gu_ref.abs().max() > 0.1
+
+
+def test_trl_fused_head_sees_trained_token_rows_of_a_tied_head(tmp_path):
+    """TRL's head reads only lm_head.weight: with a tied head and trainable_token_indices it would score the frozen
+    rows. Through linear_log_probs the fused log-probs (and the token rows' gradient) equal the full logits'."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    path = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    hf_lowrank.enable(r=4, quantization=None, lora_dropout=0.0, trainable_token_indices=[5, 6, 7])
+    model = AutoModelForCausalLM.from_pretrained(path).train()
+    delta = model.model.embed_tokens.trainable_tokens_delta
+    with torch.no_grad():
+        delta.normal_(0, 1.0)
+    x = torch.tensor([[1, 5, 6, 7, 5, 9, 6, 7, 2, 5]])
+    logits = model(input_ids=x).logits  # the stock forward: TiedTokenHead's columns
+    want = logits[:, :-1].float().log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+    want.sum().backward()
+    want_grad, delta.grad = delta.grad.clone(), None
+    add_fused_lm_head(model)
+    got = model(input_ids=x, labels=x, fused_lm_head=True).log_probs
+    assert _rel(got.detach(), want.detach()) < 1e-5
+    got.sum().backward()
+    assert _rel(delta.grad, want_grad) < 1e-4 and want_grad.abs().max() > 1e-3
+    with hf_lowrank.disabled_adapters(model), torch.no_grad():  # the reference: the frozen rows again
+        ref = model(input_ids=x, labels=x, fused_lm_head=True).log_probs
+        plain = model(input_ids=x).logits[:, :-1].float().log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+    assert _rel(ref, plain) < 1e-5 and (ref - want.detach()).abs().max() > 0.1

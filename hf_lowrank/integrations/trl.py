@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..inject import disabled_adapters
-from ..loading import is_our_head
+from ..layers import TiedTokenHead
+from ..loading import our_head
 from ..loss import LOG_PROB_OUTPUTS, linear_log_probs
 from .registry import install, register, wraps
 from .transformers import ours, update_adapter_card
@@ -140,25 +141,33 @@ def _wrap_create_model_card(original):
 
 @register("trl.trainer.utils:_ChunkedLogProbFunction", group="trl.logprobs",
           test="tests/test_trl_logprobs.py::test_trl_fused_head_runs_ours_for_our_models_only",
-          why="""Where TRL has no Triton kernel (CPU), its fused LM head (add_fused_lm_head, every trainer's
-          fused_lm_head=True forwards) folds tiles of 4,096 tokens × 32,768 vocab with torch ops that each make an
-          fp32 copy of the tile (about eight alive at once: ~75 MiB at 1,144 tokens × 2,048, GiBs at a 128k
-          vocabulary) and recomputes every tile in the backward. For the frozen head of our models,
-          loss.linear_log_probs computes the same per-token values in chunks of the loss's budget, with the
-          gradient taken in the forward; trainable heads, other models and Triton devices keep TRL's.""")
+          why="""TRL's fused LM head (add_fused_lm_head; every trainer's fused_lm_head=True forward) reads only
+          lm_head.weight, so for a tied head with trained token rows (TiedTokenHead) its log-probs ignore those rows.
+          And where TRL has no Triton kernel (CPU) it folds tiles of 4,096 tokens × 32,768 vocab with torch ops that
+          each make an fp32 copy of the tile (about eight alive at once: ~75 MiB at 1,144 tokens × 2,048, GiBs at a
+          128k vocabulary), then recomputes every tile in the backward. For the frozen heads of our models (on CPU,
+          and anywhere for token rows) loss.linear_log_probs computes the same per-token values, the token columns
+          included, in chunks of the loss's budget with the gradient taken in the forward; other models, trainable
+          heads and Triton devices keep TRL's.""")
 def _wrap_log_probs(original):
     class ChunkedLogProbFunction:
-        """TRL's `ChunkedLogProbFunction.apply`, through `hf_lowrank.loss.linear_log_probs` where it is ours."""
+        """TRL's `ChunkedLogProbFunction.apply`, through `hf_lowrank.loss.linear_log_probs` for our heads."""
 
         @staticmethod
         def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
                   logit_scale=1.0, outputs=LOG_PROB_OUTPUTS):
-            frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
-            if hidden.device.type != "cpu" or not frozen or not is_our_head(weight):
+            head = our_head(weight)
+            low_rank = head.low_rank(hidden) if isinstance(head, TiedTokenHead) else None
+            trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+            if low_rank is not None and trainable:
+                raise NotImplementedError("TRL's fused LM head on a trainable head with trained token rows: train "
+                                          "the head or the token rows, not both")
+            if head is None or trainable or (hidden.device.type != "cpu" and low_rank is None):
                 return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                       final_logit_softcapping, logit_scale, outputs)
             return linear_log_probs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                    softcap=final_logit_softcapping, logit_scale=logit_scale, outputs=outputs)
+                                    softcap=final_logit_softcapping, logit_scale=logit_scale, outputs=outputs,
+                                    low_rank=low_rank)
 
     ChunkedLogProbFunction.__wrapped__ = original
     return ChunkedLogProbFunction
