@@ -200,3 +200,20 @@ def test_trl_fused_head_sees_trained_token_rows_of_a_tied_head(tmp_path):
         ref = model(input_ids=x, labels=x, fused_lm_head=True).log_probs
         plain = model(input_ids=x).logits[:, :-1].float().log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
     assert _rel(ref, plain) < 1e-5 and (ref - want.detach()).abs().max() > 0.1
+
+
+def test_trl_fused_head_refuses_a_trained_head_with_token_rows(tmp_path):
+    """modules_to_save=["lm_head"] beside trained token rows of a tied head: TRL's head would train the head and
+    ignore the rows; the call is refused, naming both."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    path = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    hf_lowrank.enable(r=4, quantization=None, trainable_token_indices=[5, 6, 7], modules_to_save=["lm_head"])
+    model = AutoModelForCausalLM.from_pretrained(path).train()
+    add_fused_lm_head(model)
+    x = torch.tensor([[1, 5, 6, 7, 2]])
+    with pytest.raises(ValueError, match="trainable head with trained token rows"):
+        model(input_ids=x, labels=x, fused_lm_head=True)
+    with hf_lowrank.disabled_adapters(model), torch.no_grad():  # the reference (frozen original head) still runs
+        assert model(input_ids=x, labels=x, fused_lm_head=True).log_probs.shape == (1, 4)

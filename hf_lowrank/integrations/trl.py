@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..inject import disabled_adapters
-from ..layers import TiedTokenHead
+from ..layers import SavedModule, TiedTokenHead
 from ..loading import our_head
 from ..loss import LOG_PROB_OUTPUTS, linear_log_probs
 from .registry import install, register, wraps
@@ -157,10 +157,11 @@ def _wrap_log_probs(original):
         def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
                   logit_scale=1.0, outputs=LOG_PROB_OUTPUTS):
             head = our_head(weight)
-            low_rank = head.low_rank(hidden) if isinstance(head, TiedTokenHead) else None
+            inner = head.active if isinstance(head, SavedModule) else head  # modules_to_save: the copy in use
+            low_rank = inner.low_rank(hidden) if isinstance(inner, TiedTokenHead) else None
             trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
             if low_rank is not None and trainable:
-                raise NotImplementedError("TRL's fused LM head on a trainable head with trained token rows: train "
+                raise ValueError("TRL's fused LM head on a trainable head with trained token rows: train "
                                           "the head or the token rows, not both")
             if head is None or trainable or (hidden.device.type != "cpu" and low_rank is None):
                 return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
