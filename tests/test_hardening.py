@@ -375,6 +375,22 @@ def test_non_finite_and_wrong_dtype_are_refused_everywhere(tiny_llama, llama_ada
     assert not (tmp_path / "m").exists()
 
 
+def test_finite_values_whose_sum_overflows_still_load(tiny_llama, llama_adapter):
+    """The finiteness check sums first: huge but finite values (their fp32 sum is inf) are checked element by
+    element and accepted; a NaN among them is still found."""
+    _, folder = llama_adapter
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj."
+    huge = torch.full((4, 128), 3e38)
+    rewrite(folder, lambda t: {**t, q0 + "lora_A.weight": huge.clone()})
+    model = _plain_model(tiny_llama)
+    hf_lowrank.load_adapter(model, folder)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A.weight, huge)
+    huge[3, 5] = float("nan")
+    rewrite(folder, lambda t: {**t, q0 + "lora_A.weight": huge})
+    with pytest.raises(AdapterError, match="lora_A.weight holds NaN or infinite values"):
+        hf_lowrank.load_adapter(_plain_model(tiny_llama), folder)
+
+
 # ---- 7. tensors are checked against the config in every path ----------------------------------------------------
 
 
