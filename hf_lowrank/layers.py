@@ -118,11 +118,13 @@ class LoraLinear(nn.Module):
         return self.lora_B.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)  # (…, in) -> (…, out)
         if self.disabled or self.merged:
-            return out
+            return self.base_layer(x)
         x_in, drop, keep_scale = dropout_plan(self.dropout, x)
+        # A before the base: the B side saves nothing for gradient checkpointing to recompute, so in a checkpointed
+        # block's last layer (down_proj) the recompute stops here, before the base matmul.
         a = self.lora_A(x_in, drop)  # (…, in) -> (…, r): dropout(x)·Aᵀ without dropout's 1/(1-p)
+        out = self.base_layer(x)  # (…, in) -> (…, out)
         if self.lora_magnitude_vector is None:
             return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
         g = (self.lora_magnitude_vector / self.weight_norm(x.dtype)).to(out.dtype)  # (out,)
@@ -350,9 +352,11 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
         return torch.rand(chunk).neg_().log1p_().mul_(inv).floor_().add_(1).to(torch.int64)
 
     ends = gaps().cumsum_(0)  # 1-based positions of the drops
-    while ends[-1] <= n:
+    k = int(torch.searchsorted(ends, n, right=True))  # how many fall in [1, n]
+    while k == len(ends):
         ends = torch.cat([ends, gaps().cumsum_(0).add_(ends[-1])])
-    return ends[:int(torch.searchsorted(ends, n, right=True))].sub_(1)
+        k = int(torch.searchsorted(ends, n, right=True))
+    return ends[:k].sub_(1)
 
 
 def drop_mask(n: int, p: float) -> torch.Tensor:
