@@ -118,13 +118,11 @@ class LoraLinear(nn.Module):
         return self.lora_B.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled or self.merged:
-            return self.base_layer(x)
-        x_in, drop, keep_scale = dropout_plan(self.dropout, x)
-        # A before the base: the B side saves nothing for gradient checkpointing to recompute, so in a checkpointed
-        # block's last layer (down_proj) the recompute stops here, before the base matmul.
-        a = self.lora_A(x_in, drop)  # (…, in) -> (…, r): dropout(x)·Aᵀ without dropout's 1/(1-p)
         out = self.base_layer(x)  # (…, in) -> (…, out)
+        if self.disabled or self.merged:
+            return out
+        x_in, drop, keep_scale = dropout_plan(self.dropout, x)
+        a = self.lora_A(x_in, drop)  # (…, in) -> (…, r): dropout(x)·Aᵀ without dropout's 1/(1-p)
         if self.lora_magnitude_vector is None:
             return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
         g = (self.lora_magnitude_vector / self.weight_norm(x.dtype)).to(out.dtype)  # (out,)

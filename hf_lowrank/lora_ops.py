@@ -42,9 +42,8 @@ class _AddLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scaling: float) -> torch.Tensor:
         a2 = a.reshape(-1, a.shape[-1])  # (N, r)
-        # kept on ctx, not saved for backward: both are small, and a saved tensor is one that non-reentrant
-        # checkpointing must recompute; without one here, a block's recompute can stop before its last base layer
-        ctx.a2, ctx.weight, ctx.scaling, ctx.a_shape = a2, weight, scaling, a.shape
+        ctx.save_for_backward(a2, weight)
+        ctx.scaling, ctx.a_shape = scaling, a.shape
         if out.is_contiguous() and out._base is None:  # not a view (autograd forbids some views' in-place changes)
             out.view(-1, out.shape[-1]).addmm_(a2, weight.T, alpha=scaling)  # (N, out) += s·(N, r)·(r, out)
             ctx.mark_dirty(out)
@@ -53,7 +52,7 @@ class _AddLowRank(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        a2, weight = ctx.a2, ctx.weight
+        a2, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_a = grad_w = None
         if ctx.needs_input_grad[1]:

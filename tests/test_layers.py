@@ -278,36 +278,3 @@ def test_4bit_merge_in_place_refused():
     layer = LoraLinear(_quantized(128, 128), r=4, alpha=8)
     with pytest.raises(TypeError, match="hf_lowrank.merge"):
         layer.merge()
-
-
-def test_checkpoint_recompute_stops_before_the_last_layers_base():
-    """In a checkpointed block ending in a LoRA layer over NF4, the backward's recompute reruns the adapter's A side
-    (its dropped input is saved for ∂A) but not the base layer (bitsandbytes saves nothing for checkpointing to
-    recompute, and neither does the B side); the gradients are those of the same step without checkpointing."""
-    from torch.utils.checkpoint import checkpoint
-
-    torch.manual_seed(0)
-    first, last = LoraLinear(_quantized(64, 64, seed=1), r=4, alpha=8, dropout=0.1), \
-        LoraLinear(_quantized(64, 32, seed=2), r=4, alpha=8, dropout=0.1)
-    _random_adapter(first)
-    _random_adapter(last)
-    calls = {first: 0, last: 0}
-    for layer in (first, last):
-        layer.base_layer.register_forward_hook(lambda m, a, o, layer=layer: calls.__setitem__(layer, calls[layer] + 1))
-    x0 = torch.randn(3, 64)
-
-    def run(checkpointed: bool):
-        torch.manual_seed(3)
-        x = x0.clone().requires_grad_(True)
-        fn = lambda t: last(torch.relu(first(t)))  # noqa: E731
-        (checkpoint(fn, x, use_reentrant=False) if checkpointed else fn(x)).sum().backward()
-        grads = [x.grad] + [p.grad.clone() for p in (*first.parameters(), *last.parameters()) if p.requires_grad]
-        for layer in (first, last):
-            layer.zero_grad(set_to_none=True)
-        return grads
-
-    plain = run(False)
-    calls.update({first: 0, last: 0})
-    for g, c in zip(plain, run(True), strict=True):
-        assert torch.equal(g, c)
-    assert calls == {first: 2, last: 1}, "relu's saved output needs first's recompute; last's base is not rerun"
