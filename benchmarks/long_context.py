@@ -26,6 +26,7 @@ Two more cells repeat the issue's floor reference (4 × 512, vocabulary 2,048, b
     python benchmarks/long_context.py                 # the full table (about an hour on 2 CPU cores)
     python benchmarks/long_context.py --vocabs 128256 --seqs 4096 --steps 2
     python benchmarks/long_context.py --profile 512:2048:4   # where ours spends its time against the floor
+    python benchmarks/long_context.py --floor-only --vocabs '' --seqs '' --steps 8   # only ours/floor, per round
     python benchmarks/long_context.py --quick         # tiny shapes, seconds: checks the script, measures nothing
 """
 
