@@ -26,6 +26,7 @@ Two more cells repeat the issue's floor reference (4 × 512, vocabulary 2,048, b
     python benchmarks/long_context.py                 # the full table (about an hour on 2 CPU cores)
     python benchmarks/long_context.py --vocabs 128256 --seqs 4096 --steps 2
     python benchmarks/long_context.py --profile 512:2048:4   # where ours spends its time against the floor
+    python benchmarks/long_context.py --floor-only --vocabs '' --seqs '' --steps 8   # only ours/floor, per round
     python benchmarks/long_context.py --quick         # tiny shapes, seconds: checks the script, measures nothing
 """
 
@@ -150,19 +151,20 @@ def timing_worker(args) -> dict:
     _common_imports()
     torch.set_num_threads(args.threads)
     ours, how = load_ours(args.model)
-    peft_model = load_peft(args.model)
-    for m in (ours, peft_model):
+    models = {"ours": ours} if args.floor_only else {"ours": ours, "peft": load_peft(args.model)}
+    for m in models.values():
         m.train()
     opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-            for name, m in (("ours", ours), ("peft", peft_model))}
+            for name, m in models.items()}
     ids = _ids(ours.config.vocab_size, args.batch, args.seq)
-    run = {"ours": lambda: _step(ours, opts["ours"], ids), "peft": lambda: _step(peft_model, opts["peft"], ids),
-           "floor": lambda: _floor_step(ours, ids)}
+    run = {name: (lambda m=m, o=opts[name]: _step(m, o, ids)) for name, m in models.items()}
+    run["floor"] = lambda: _floor_step(ours, ids)
     sides = list(run)
     times = {s: [] for s in sides}
     losses = {s: [] for s in sides}
     for i in range(args.warmup + args.steps):
-        for side in sides[i % 3:] + sides[:i % 3]:
+        k = i % len(sides)
+        for side in sides[k:] + sides[:k]:
             t0 = time.perf_counter()
             losses[side].append(run[side]())
             if i >= args.warmup:
@@ -173,7 +175,9 @@ def timing_worker(args) -> dict:
         out[f"{side}_loss"] = losses[side][0]
     # ratios of the steps of one round, then their median: steadier than a ratio of medians on a shared machine
     out["ours_floor_ratio"] = statistics.median(o / f for o, f in zip(times["ours"], times["floor"], strict=True))
-    out["ours_peft_ratio"] = statistics.median(o / q for o, q in zip(times["ours"], times["peft"], strict=True))
+    if "peft" in times:
+        out["ours_peft_ratio"] = statistics.median(o / q for o, q in zip(times["ours"], times["peft"], strict=True))
+    out["ours_floor_ratios"] = [o / f for o, f in zip(times["ours"], times["floor"], strict=True)]
     return out
 
 
@@ -229,7 +233,7 @@ def profile_worker(args) -> dict:
 def run_worker(kind: str, side: str, model: str, seq: int, batch: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--side", side, "--model", model, "--seq", str(seq),
            "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
-           str(args.threads), "--dropout", str(args.dropout)]
+           str(args.threads), "--dropout", str(args.dropout)] + (["--floor-only"] if args.floor_only else [])
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -318,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 step: checks the script, measures nothing")
     p.add_argument("--profile", help="vocab-independent profile of one cell, seq:vocab:batch (e.g. 512:2048:4)")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout on both sides")
+    p.add_argument("--floor-only", action="store_true",
+                   help="only ours against the floor (step times, one process per cell): no PEFT, no memory")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--worker", choices=["memory", "timing", "profile"], help=argparse.SUPPRESS)
     p.add_argument("--side", help=argparse.SUPPRESS)
@@ -355,12 +361,26 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(v, 1, s) for v in vocabs for s in seqs]
     plan += [tuple(int(x) for x in c.split(":")) for c in args.reference.split(",") if c]
     cells, how = [], {}
+    if args.floor_only:
+        print(f"Ours against the floor, Llama {blocks}×{hidden}, r=16 all-linear, dropout {args.dropout}, "
+              f"{args.threads} thread(s), {args.steps} round(s) after {args.warmup} warm-up\n\n"
+              "| vocab | batch × seq | step ours | floor step | ours/floor (median) | per round | loss ours |\n"
+              "|---:|---|---:|---:|---:|---|---:|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for vocab, batch, seq in plan:
             if vocab not in paths:
-                paths[vocab] = make_model(Path(tmp) / f"v{vocab}", vocab, shape, max(4096, max(seqs)))
+                paths[vocab] = make_model(Path(tmp) / f"v{vocab}", vocab, shape, max([4096, *seqs]))
             t0 = time.perf_counter()
+            if args.floor_only:
+                t = run_worker("timing", "both", paths[vocab], seq, batch, args)
+                cells.append({"vocab": vocab, "batch": batch, "seq": seq, "timing": t})
+                print(f"| {_vocab_name(vocab)} | {batch} × {seq} | {_fmt_s(t['ours_step_s'])} | "
+                      f"{_fmt_s(t['floor_step_s'])} | {t['ours_floor_ratio']:.2f} "
+                      f"{_ok(t['ours_floor_ratio'], TARGETS['floor'])} | "
+                      + " ".join(f"{r:.2f}" for r in t["ours_floor_ratios"]) + f" | {t['ours_loss']:.4f} |",
+                      flush=True)
+                continue
             ours = run_worker("memory", "ours", paths[vocab], seq, batch, args)
             peft = run_worker("memory", "peft", paths[vocab], seq, batch, args)
             timing = run_worker("timing", "both", paths[vocab], seq, batch, args)
@@ -372,14 +392,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{timing['ours_step_s']:.2f} s, PEFT {timing['peft_step_s']:.2f} s, floor "
                   f"{timing['floor_step_s']:.2f} s; peak RSS {ours['peak_rss_mib']:.0f} / {peft['peak_rss_mib']:.0f} "
                   "MiB", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(cells, indent=2))
+    if args.floor_only:
+        return 0
     long_vocab = max(vocabs) if vocabs else 0
     print(f"QLoRA (NF4 + double quant, bf16 compute), Llama {blocks}×{hidden}, r=16 all-linear, dropout "
           f"{args.dropout}, AdamW, non-reentrant gradient checkpointing on both sides, {args.threads} thread(s), "
           f"median of {args.steps} step(s) after {args.warmup} warm-up. Ours' loss path: "
           + "; ".join(f"vocab {v:,}: {d}" for v, d in how.items()) + "\n")
     print(tables(cells, long_vocab))
-    if args.json:
-        Path(args.json).write_text(json.dumps(cells, indent=2))
     return 0
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compat import shield_cpu_repack
+from .lora_ops import add_low_rank_, dropped_linear
 
 #: the adapter's parameter names inside a LoRA layer, as PEFT's files key them (`<module>.lora_A.weight`).
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
@@ -41,19 +42,19 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 
 
 class LoraA(nn.Linear):
-    """A (r×in), bias-free: x·Aᵀ computed in x's dtype (the small weight is cast, never the input)."""
+    """A (r×in), bias-free: x·Aᵀ computed in x's dtype (the small weight is cast, never the input), with the flat
+    positions `drop` of x zeroed (dropout) when given."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _cast(self.weight, x.dtype))  # (…, in) -> (…, r)
+    def forward(self, x: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        weight = _cast(self.weight, x.dtype)
+        return F.linear(x, weight) if drop is None else dropped_linear(x, weight, drop)  # (…, in) -> (…, r)
 
 
 class LoraB(nn.Linear):
-    """B (out×r), bias-free: adds s·(a·Bᵀ) to the base output in one `addmm`, in the base output's dtype."""
+    """B (out×r), bias-free: adds s·(a·Bᵀ) to the base output in place (one `addmm_`), in its dtype."""
 
     def forward(self, a: torch.Tensor, out: torch.Tensor, scaling: float) -> torch.Tensor:
-        y = torch.addmm(out.reshape(-1, out.shape[-1]), _cast(a, out.dtype).reshape(-1, a.shape[-1]),
-                        _cast(self.weight, out.dtype).T, alpha=scaling)  # (N, out) + s·(N, r)·(r, out)
-        return y.view(out.shape)
+        return add_low_rank_(out, _cast(a, out.dtype), _cast(self.weight, out.dtype), scaling)  # (…, r) -> (…, out)
 
 
 class LoraLinear(nn.Module):
@@ -120,8 +121,8 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x)  # (…, in) -> (…, out)
         if self.disabled or self.merged:
             return out
-        x_in, keep_scale = dropout_unscaled(self.dropout, x)
-        a = self.lora_A(x_in)  # (…, in) -> (…, r)
+        x_in, drop, keep_scale = dropout_plan(self.dropout, x)
+        a = self.lora_A(x_in, drop)  # (…, in) -> (…, r): dropout(x)·Aᵀ without dropout's 1/(1-p)
         if self.lora_magnitude_vector is None:
             return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
         g = (self.lora_magnitude_vector / self.weight_norm(x.dtype)).to(out.dtype)  # (out,)
@@ -319,34 +320,58 @@ class TiedTokenHead(_Wrapper):
 # ---- dropout on the adapter's input ---------------------------------------------------------------------------------
 
 
-def dropout_unscaled(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(dropout(x) without its 1/(1-p) factor, that factor), so the caller folds it into the scaling for free.
+def dropout_plan(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """How the adapter's input is dropped: (input, flat positions of it to zero or None, the 1/(1-p) factor
+    left for the caller to fold into the scaling).
 
-    On CPU, for 0 < p ≤ 0.5, the dropped positions are drawn as geometric gaps between drops (`drop_mask`): about
-    n·p random draws instead of bernoulli_'s n. The RNG is a fifth of a CPU training step otherwise. Elsewhere (and
-    for larger p) torch's own dropout runs, scaled.
+    On CPU, for 0 < p ≤ 0.5, the dropped positions are drawn as geometric gaps between drops (`drop_positions`):
+    about n·p random draws instead of bernoulli_'s n, and no n-element mask; `LoraA` zeroes them in its one copy of
+    x, and the same positions of x's gradient in place (`lora_ops.dropped_linear`). A bernoulli_ mask and a masked
+    copy of x and of its gradient were a third of what separated a CPU step from the frozen model's. Elsewhere
+    (and for larger p) torch's own dropout runs, scaled.
     """
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     if p == 0.0:
-        return x, 1.0
+        return x, None, 1.0
     if p <= 0.5 and x.device.type == "cpu":
-        return x.masked_fill(drop_mask(x.numel(), p).view(x.shape), 0), 1 / (1 - p)
-    return dropout(x), 1.0
+        return x, drop_positions(x.numel(), p), 1 / (1 - p)
+    return dropout(x), None, 1.0
+
+
+def dropout_unscaled(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(dropout(x) without its 1/(1-p) factor, that factor): `dropout_plan` with the positions zeroed in a copy."""
+    x_in, drop, keep = dropout_plan(dropout, x)
+    if drop is not None:
+        x_in = x.reshape(-1).index_fill(0, drop, 0).view(x.shape)  # (…, in) -> (…, in), one copy
+    return x_in, keep
+
+
+def drop_positions(n: int, p: float) -> torch.Tensor:
+    """The True positions of n i.i.d. Bernoulli(p) draws (increasing int64 in [0, n)), from geometric gaps.
+
+    A gap between consecutive drops is Geometric(p) on {1, 2, …}: ⌊log(v)/log(1-p)⌋ + 1 for v uniform in (0, 1],
+    with a vectorised log over float32 draws (v on a 2⁻²⁴ grid: each gap's distribution function is off by less
+    than 2⁻²⁴). Drawn from torch's default generator, so gradient checkpointing's recompute (which restores the
+    RNG state) redraws the same positions.
+    """
+    chunk = int(n * p + 6 * math.sqrt(n * p) + 16)  # enough draws but for a 6-sigma shortfall
+    inv = 1 / math.log1p(-p)
+
+    def gaps() -> torch.Tensor:  # (chunk,) int64 ≥ 1; v = 1 - u for u uniform in [0, 1)
+        return torch.rand(chunk).neg_().log1p_().mul_(inv).floor_().add_(1).to(torch.int64)
+
+    ends = gaps().cumsum_(0)  # 1-based positions of the drops
+    k = int(torch.searchsorted(ends, n, right=True))  # how many fall in [1, n]
+    while k == len(ends):
+        ends = torch.cat([ends, gaps().cumsum_(0).add_(ends[-1])])
+        k = int(torch.searchsorted(ends, n, right=True))
+    return ends[:k].sub_(1)
 
 
 def drop_mask(n: int, p: float) -> torch.Tensor:
-    """n i.i.d. Bernoulli(p) booleans (True = drop), from geometric gaps between consecutive drops.
-
-    Drawn from torch's default generator, so gradient checkpointing's recompute (which restores the RNG state)
-    redraws the same mask.
-    """
-    chunk = int(n * p + 6 * math.sqrt(n * p) + 16)  # enough draws but for a 6-sigma shortfall
-    ends = torch.empty(chunk, dtype=torch.float64).geometric_(p).cumsum_(0)  # 1-based positions of the drops
-    while ends[-1] <= n:
-        more = torch.empty(chunk, dtype=torch.float64).geometric_(p).cumsum_(0).add_(ends[-1])
-        ends = torch.cat([ends, more])
+    """n i.i.d. Bernoulli(p) booleans (True = drop): `drop_positions` as a mask."""
     drop = torch.zeros(n, dtype=torch.bool)
-    drop[ends[ends <= n].long() - 1] = True
+    drop[drop_positions(n, p)] = True
     return drop
 
 

@@ -84,6 +84,87 @@ def test_dropout_only_in_training():
     assert isinstance(LoraLinear(base, r=8, alpha=16, dropout=0.0).dropout, nn.Identity)
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3])
+def test_dropout_output_and_gradients_equal_the_masked_formula(dtype, tol, p):
+    """y = W0·x + b + s·B·A·(x⊙keep)/(1-p), keep the mask drawn from the same generator state; the output and the
+    gradients of x, A and B equal autograd's through that plain formula (in fp32; bf16 to a relative 2e-2), and
+    under non-reentrant checkpointing (whose recompute redraws the mask) the gradients are bitwise the same."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hf_lowrank.layers import drop_mask
+
+    base = nn.Linear(96, 80).to(dtype).requires_grad_(False)
+    layer = LoraLinear(base, r=8, alpha=16, dropout=p).train()
+    _random_adapter(layer)
+    x0 = torch.randn(3, 40, 96).to(dtype)
+    G = torch.randn(3, 40, 80).to(dtype)
+
+    def run(checkpointed: bool):
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        y.backward(G)
+        return y.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+
+    got = run(False)
+    torch.manual_seed(7)
+    keep = ~drop_mask(x0.numel(), p).view(x0.shape) if p else torch.ones_like(x0, dtype=torch.bool)
+    assert p == 0 or 0 < (~keep).sum() < keep.sum()
+    x = x0.float().clone().requires_grad_(True)
+    A, B = (w.detach().clone().requires_grad_(True) for w in (layer.lora_A.weight, layer.lora_B.weight))
+    ref = x @ base.weight.float().T + base.bias.float() + layer.scaling * ((x * keep / (1 - p)) @ A.T @ B.T)
+    ref.backward(G.float())
+    for name, g, r in zip(("y", "x", "A", "B"), got, (ref.detach(), x.grad, A.grad, B.grad), strict=True):
+        assert g.dtype == (dtype if name in "yx" else torch.float32), name
+        err = ((g.float() - r).abs().max() / r.abs().max()).item()
+        assert err < tol, (name, err)
+    no_drop = x0.float() @ base.weight.float().T + base.bias.float() + layer.scaling * (x0.float() @ A.T @ B.T)
+    assert p == 0 or (no_drop - ref).abs().max() > 10 * tol * ref.abs().max(), "the mask must matter"
+    base_only = (G.float() @ base.weight.float())[~keep]  # where x was dropped, only the base layer's ∂x
+    assert p == 0 or (got[1].float()[~keep] - base_only).abs().max() < tol * got[1].abs().max()
+    for g, c in zip(got, run(True), strict=True):
+        assert torch.equal(g, c), "checkpointing's recompute must redraw the same mask"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "view"])
+def test_add_low_rank_in_place_and_its_gradients(layout):
+    """out + s·a·Bᵀ, written into `out` (same storage) when it is contiguous and not a view; the gradients of out,
+    a and B are autograd's through the out-of-place formula. A base whose backward needs its own output cannot be
+    summed into in place: autograd refuses loudly instead of differentiating a modified tensor."""
+    from hf_lowrank.lora_ops import add_low_rank_
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 12, requires_grad=True)
+    a = torch.randn(2, 6, 4, requires_grad=True)
+    w = torch.randn(10, 4, requires_grad=True)
+    G = torch.randn(2, 6, 10)
+    lin = torch.randn(12, 10)
+    out = x @ lin  # (2, 6, 10)
+    if layout == "strided":
+        out = out.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "view":
+        out = (x.reshape(12, 12) @ lin).view(2, 6, 10)
+    assert out.is_contiguous() == (layout != "strided") and (out._base is None) == (layout == "contiguous")
+    ptr = out.data_ptr()
+    y = add_low_rank_(out, a, w, 0.5)
+    assert (y.data_ptr() == ptr) == (layout == "contiguous")
+    y.backward(G)
+    got = [t.grad.clone() for t in (x, a, w)]
+    for t in (x, a, w):
+        t.grad = None
+    ref = x @ lin + 0.5 * (a @ w.T)
+    torch.testing.assert_close(y, ref)
+    ref.backward(G)
+    for g, t in zip(got, (x, a, w), strict=True):
+        torch.testing.assert_close(g, t.grad)
+        assert t.grad.abs().max() > 0
+    saved_own_output = torch.exp(x[..., :10])  # exp's backward reads its result
+    with pytest.raises(RuntimeError, match="inplace"):
+        add_low_rank_(saved_own_output, a, w, 0.5).sum().backward()
+
+
 def test_merge_unmerge_idempotent_linear():
     base = nn.Linear(64, 128)
     layer = LoraLinear(base, r=8, alpha=16)

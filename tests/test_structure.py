@@ -12,7 +12,7 @@ from torch import nn
 
 import hf_lowrank
 from hf_lowrank import LoraLinear, LowRankConfig
-from hf_lowrank.layers import drop_mask, dropout_unscaled
+from hf_lowrank.layers import drop_mask, drop_positions, dropout_unscaled
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_lowrank"
@@ -98,6 +98,16 @@ def test_dropout_mask_rate_and_independence(p):
     assert not torch.equal(mask, drop_mask(n, p)), "a second draw must differ"
 
 
+@pytest.mark.parametrize("n", [1, 7, 1000, 300_001])
+def test_drop_positions_increasing_in_range_and_redrawn_alike(n):
+    torch.manual_seed(3)
+    pos = drop_positions(n, 0.3)
+    assert pos.dtype == torch.int64 and (pos.numel() == 0 or (pos[0] >= 0 and pos[-1] < n))
+    assert bool((pos.diff() > 0).all())
+    torch.manual_seed(3)
+    assert torch.equal(pos, drop_positions(n, 0.3)), "the same generator state must give the same positions"
+
+
 def test_dropout_unscaled_folds_the_keep_factor():
     torch.manual_seed(0)
     x = torch.randn(64, 128)
@@ -106,6 +116,11 @@ def test_dropout_unscaled_folds_the_keep_factor():
     assert keep == pytest.approx(1 / 0.75)
     kept = out != 0
     assert torch.equal(out[kept], x[kept])  # unscaled: the factor goes into the scaling
+    xg = x.clone().requires_grad_(True)
+    torch.manual_seed(5)
+    dropped, _ = dropout_unscaled(drop, xg)
+    dropped.backward(torch.ones_like(x))
+    assert torch.equal(xg.grad, (dropped != 0).float()), "the gradient is zero exactly where x was dropped"
     assert 0.2 < 1 - kept.float().mean().item() < 0.3
     assert dropout_unscaled(drop.eval(), x) == (x, 1.0)
     big, keep_big = dropout_unscaled(nn.Dropout(0.7).train(), x)  # torch's own dropout, already scaled
