@@ -368,13 +368,6 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
     return ends[:k].sub_(1)
 
 
-def drop_mask(n: int, p: float) -> torch.Tensor:
-    """n i.i.d. Bernoulli(p) booleans (True = drop): `drop_positions` as a mask."""
-    drop = torch.zeros(n, dtype=torch.bool)
-    drop[drop_positions(n, p)] = True
-    return drop
-
-
 # ---- what kind of linear layer a module is --------------------------------------------------------------------------
 
 

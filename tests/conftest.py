@@ -102,6 +102,15 @@ def tokens(batch: int = 2, seq: int = 16, vocab: int = 256, seed: int = 0) -> to
     return torch.randint(1, vocab, (batch, seq), generator=g)
 
 
+def drop_mask(n: int, p: float) -> torch.Tensor:
+    """n i.i.d. Bernoulli(p) booleans (True = drop): the adapter dropout's positions (`drop_positions`) as a mask."""
+    from hf_lowrank.layers import drop_positions
+
+    drop = torch.zeros(n, dtype=torch.bool)
+    drop[drop_positions(n, p)] = True
+    return drop
+
+
 class Motifs(torch.utils.data.Dataset):
     """`n` causal-LM rows of 4 repeated 8-token motifs (learnable in a few steps): input_ids = labels."""
 

@@ -90,9 +90,8 @@ def test_dropout_output_and_gradients_equal_the_masked_formula(dtype, tol, p):
     """y = W0·x + b + s·B·A·(x⊙keep)/(1-p), keep the mask drawn from the same generator state; the output and the
     gradients of x, A and B equal autograd's through that plain formula (in fp32; bf16 to a relative 2e-2), and
     under non-reentrant checkpointing (whose recompute redraws the mask) the gradients are bitwise the same."""
+    from conftest import drop_mask
     from torch.utils.checkpoint import checkpoint
-
-    from hf_lowrank.layers import drop_mask
 
     base = nn.Linear(96, 80).to(dtype).requires_grad_(False)
     layer = LoraLinear(base, r=8, alpha=16, dropout=p).train()

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import drop_mask
 from torch import nn
 
 import hf_lowrank
 from hf_lowrank import LoraLinear, LowRankConfig
-from hf_lowrank.layers import drop_mask, drop_positions, dropout_unscaled
+from hf_lowrank.layers import drop_positions, dropout_unscaled
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_lowrank"
