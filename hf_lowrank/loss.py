@@ -346,8 +346,7 @@ class _LinearLogProbs(torch.autograd.Function):
 
         # d log p / d input and d entropy / d input, per row: for hidden (through W) and for u (through W2)
         ga = [zeros(h, opts.needs[0]), zeros(u, opts.needs[3]) if u is not None else None]
-        gb = [t if "entropy" in outputs else None for t in (zeros(h, opts.needs[0]),
-                                                             zeros(u, opts.needs[3]) if u is not None else None)]
+        gb = [zeros(t, True) if t is not None and "entropy" in outputs else None for t in ga]
         with torch.autocast(dev.type, enabled=False):
             chunks = _Chunks(h, weight, bias, u, w2, opts, n_rows)
             mats = (chunks.weight, chunks.w2)
