@@ -13,6 +13,11 @@ in one named place. Each entry says what it touches, why no public API does, and
 - `live_deepspeed_config` transformers' weakly referenced DeepSpeed config of a live `TrainingArguments(deepspeed=...)`.
                         Decides the device map (none under ZeRO-3) and the 4-bit storage dtype. Test:
                         tests/test_distributed.py.
+- `saved_tensors_hooks` torch's `_top_saved_tensors_default_hooks`: the (pack, unpack) pair of the innermost
+                        `torch.autograd.graph.saved_tensors_hooks` (gradient checkpointing's), so that
+                        `lora_ops.lora_linear` can pack its tensors before its base layer runs (`save_for_backward`
+                        packs only when the forward returns; no public getter exists). Missing: None, tensors saved
+                        the usual way. Test: tests/test_layers.py (the recompute stops before the last base matmul).
 - `shield_cpu_repack`   a bitsandbytes bug (below), version-gated.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
 
@@ -46,6 +52,18 @@ def live_deepspeed_config() -> dict | None:
     from transformers.integrations.deepspeed import deepspeed_config
 
     return deepspeed_config()
+
+
+def saved_tensors_hooks():
+    """(pack, unpack) of the innermost saved-tensor hooks in effect, or None when there are none (or they are
+    disabled, or this torch lacks the getter): what autograd itself calls for a tensor saved now."""
+    autograd = torch._C._autograd
+    try:
+        if not autograd._saved_tensors_hooks_is_enabled():
+            return None
+        return autograd._top_saved_tensors_default_hooks(False)
+    except AttributeError:
+        return None
 
 
 # ---- bitsandbytes: the packed CPU path ----------------------------------------------------------------------------

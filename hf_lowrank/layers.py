@@ -21,6 +21,7 @@ gradient through it, section 4.3 of the paper, as PEFT does) and recomputed ever
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compat import shield_cpu_repack
-from .lora_ops import add_low_rank_, dropped_linear
+from .lora_ops import add_low_rank_, dropped_linear, lora_linear
 
 #: the adapter's parameter names inside a LoRA layer, as PEFT's files key them (`<module>.lora_A.weight`).
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
@@ -62,8 +63,11 @@ class LoraLinear(nn.Module):
 
     The adapter branch computes in the activations' dtype (bf16 under QLoRA), as `torch.autocast` would: A and B
     are cast to it, the input never is (no copy of x is made or kept for backward). A and B, their gradients and
-    the optimizer state stay in `dtype` (fp32 by default), so updates are exact. `lora_A` and `lora_B` are called
-    as modules, so hooks on them run (DeepSpeed ZeRO-3 gathers their weights that way).
+    the optimizer state stay in `dtype` (fp32 by default), so updates are exact.
+
+    Training over a frozen base (the QLoRA case) runs as one autograd node (`lora_ops.lora_linear`); with DoRA, a
+    trainable base, or hooks on these modules (DeepSpeed ZeRO-3 gathers A and B in `lora_A`'s and `lora_B`'s
+    hooks), `lora_A` and `lora_B` are called as modules. The two give the same values (tested).
 
     Args:
         base_layer: the frozen layer; ``nn.Linear``, transformers' ``Conv1D`` (weight stored in×out) or a
@@ -118,10 +122,13 @@ class LoraLinear(nn.Module):
         return self.lora_B.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)  # (…, in) -> (…, out)
         if self.disabled or self.merged:
-            return out
+            return self.base_layer(x)  # (…, in) -> (…, out)
         x_in, drop, keep_scale = dropout_plan(self.dropout, x)
+        if x_in is x and self._one_node(x):  # y = W0·x + s·B·A·x̃, x̃ = x with `drop` zeroed
+            return lora_linear(x, self.base_layer, frozen_dense, self.lora_A.weight, self.lora_B.weight,
+                               self.scaling * keep_scale, drop)
+        out = self.base_layer(x)  # (…, in) -> (…, out)
         a = self.lora_A(x_in, drop)  # (…, in) -> (…, r): dropout(x)·Aᵀ without dropout's 1/(1-p)
         if self.lora_magnitude_vector is None:
             return self.lora_B(a, out, self.scaling * keep_scale)  # out + s·(a·Bᵀ): (…, r) -> (…, out)
@@ -130,6 +137,20 @@ class LoraLinear(nn.Module):
         w0x = out - bias.to(out.dtype) if bias is not None else out  # (…, out)
         lora = F.linear(_cast(a, out.dtype), _cast(self.lora_B.weight, out.dtype))  # (…, r) -> (…, out)
         return out + (g - 1) * w0x + g * lora * (self.scaling * keep_scale)  # = g⊙W0x + g⊙s·BAx + b
+
+    def _one_node(self, x: torch.Tensor) -> bool:
+        """Whether this forward can be `lora_linear`: training without DoRA or autocast, a frozen Linear / Conv1D /
+        Linear4bit base computing in x's dtype, and no module hooks that calling the submodules would run."""
+        base = self.base_layer
+        if self.lora_magnitude_vector is not None or not torch.is_grad_enabled() or torch.is_autocast_enabled(
+                x.device.type) or not all(_unhooked(m) for m in (base, self.lora_A, self.lora_B)):
+            return False
+        weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
+        if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        if is_4bit(base) or (type(base).__name__ in _4BIT and getattr(base, "quant_state", None) is not None):
+            return getattr(base, "compute_dtype", None) == x.dtype  # (FSDP2 hands bnb a weight without its state)
+        return (type(base) is nn.Linear or is_conv1d(base)) and weight.dtype == x.dtype
 
     @torch.no_grad()
     def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
@@ -275,7 +296,6 @@ class TrainableTokens(_Wrapper):
             rows = rows * scale.to(rows.dtype)
         return torch.where((slot >= 0).unsqueeze(-1), rows, out)
 
-
     def extra_repr(self) -> str:
         return f"tokens={self.token_indices}, disabled={self.disabled}"
 
@@ -314,7 +334,6 @@ class TiedTokenHead(_Wrapper):
         cols = torch.zeros(weight.shape[0], len(self.tokens.index), dtype=h.dtype, device=h.device)
         cols[self.tokens.index, torch.arange(len(self.tokens.index), device=h.device)] = 1
         return F.linear(h, delta), cols
-
 
 
 # ---- dropout on the adapter's input ---------------------------------------------------------------------------------
@@ -381,10 +400,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+_4BIT = frozenset({"Linear4bit", "LinearNF4", "LinearFP4"})
+
+
 def is_4bit(module: nn.Module) -> bool:
     """A bitsandbytes 4-bit linear layer (its weight carries a `quant_state`)."""
-    return hasattr(getattr(module, "weight", None), "quant_state") and type(module).__name__ in {
-        "Linear4bit", "LinearNF4", "LinearFP4"}
+    return hasattr(getattr(module, "weight", None), "quant_state") and type(module).__name__ in _4BIT
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -400,15 +421,27 @@ def layer_features(module: nn.Module) -> tuple[int, int]:
 
 def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight as a dense (out, in) tensor: dequantized for Linear4bit, transposed for Conv1D."""
-    if is_4bit(module):
-        import bitsandbytes.functional as bnbf
+    return _dense(module.weight, is_4bit(module), is_conv1d(module), dtype)
 
-        w = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
-    elif is_conv1d(module):
-        w = module.weight.detach().T
+
+def frozen_dense(module: nn.Module):
+    """`dense_weight(module, dtype)` as a function of the dtype, bound to the weight `module` holds now."""
+    return functools.partial(_dense, module.weight, is_4bit(module), is_conv1d(module))
+
+
+def _dense(weight: torch.Tensor, four_bit: bool, conv1d: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if four_bit:
+        import bitsandbytes.functional as bnbf
+        w = bnbf.dequantize_4bit(weight.data, weight.quant_state)
     else:
-        w = module.weight.detach()
+        w = weight.detach().T if conv1d else weight.detach()
     return w.to(dtype) if dtype is not None else w
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """No forward or backward hooks on `module`, and no accelerate hook (which may move its weight in and out)."""
+    return not (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks or hasattr(module, "_hf_hook"))
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -1,5 +1,9 @@
-"""The adapter branch's two autograd ops, written out so that neither makes a copy autograd would otherwise make.
+"""The adapter's autograd ops, written out so that none makes a copy autograd would otherwise make.
 
+    lora_linear(x, base, dense, A, B, s, drop)
+                                      y = base(x) + s·(x̃·Aᵀ)·Bᵀ, a frozen base, one autograd node   (…, in) -> (…, out)
+                                      ∂x = ∂a·A zeroed at `drop`, + g·W0 (one addmm_),   ∂A = ∂aᵀ·x̃,   ∂B = s·gᵀ·a,
+                                      ∂a = s·g·B
     dropped_linear(x, A, drop)        a = x̃·Aᵀ,  x̃ = x with the flat positions `drop` zeroed   (…, in) -> (…, r)
                                       ∂x = (∂a·A) zeroed at `drop` (in place),   ∂A = ∂aᵀ·x̃
     add_low_rank_(out, a, B, s)       out += s·a·Bᵀ, in place                                  (…, r) -> (…, out)
@@ -12,11 +16,23 @@ On CPU those copies were fresh allocations of (tokens × 1408) activations: page
 most of what they cost. `out` (unless it is a view) is modified in place: the base layers LoraLinear wraps
 (nn.Linear, Conv1D, bitsandbytes Linear4bit) do not keep their output for backward (autograd would raise if one
 did).
+
+`lora_linear` is the training path of a LoRA layer over a frozen base (`LoraLinear` decides when it applies; the two
+ops below are the rest). Against them and the base's own autograd node, per call: one node instead of three (on CPU
+each costs Python time that a 128-token step notices), and one (…, in) gradient instead of two plus their sum (the
+base's g·W0 is accumulated into the adapter's part in place). Its saved tensors are packed before the base layer
+runs, so that in a block under non-reentrant gradient checkpointing the recompute stops before the block's last base
+matmul (down_proj), as it does for the frozen model: checkpointing counts packed tensors, and bitsandbytes' 4-bit
+matmul packs none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from .compat import saved_tensors_hooks
 
 
 class _DroppedLinear(torch.autograd.Function):
@@ -60,6 +76,74 @@ class _AddLowRank(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_w = (g2.T @ a2).mul_(ctx.scaling)  # (out, N)·(N, r)
         return grad, grad_a, grad_w, None
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, base, dense, scaling, drop):
+        wa, wb = weight_a.to(x.dtype), weight_b.to(x.dtype)  # (r, in), (out, r), in the activations' dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if drop is not None:
+            x2 = x2.reshape(-1).index_fill(0, drop, 0).view(x2.shape)  # one copy
+        a = x2 @ wa.T  # (N, in) -> (N, r)
+        _save_now(ctx, x2, a, wa, wb, drop)  # before the base: see the module docstring
+        out = base(x)  # (…, in) -> (…, out); no graph (grad mode is off in here)
+        ctx.dense = dense(base)  # the weight the base used (bitsandbytes may re-wrap it in its forward)
+        if not out.is_contiguous():
+            out = out.contiguous()
+        out.view(-1, out.shape[-1]).addmm_(a, wb.T, alpha=scaling)  # (N, out) += s·(N, r)·(r, out)
+        ctx.scaling, ctx.x_shape, ctx.dtypes = scaling, x.shape, (weight_a.dtype, weight_b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, a, wa, wb, drop = _saved(ctx)
+        g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = (g2.T @ a).mul_(ctx.scaling).to(ctx.dtypes[1])  # (out, N)·(N, r)
+        if need_x or need_a:
+            ga = (g2 @ wb).mul_(ctx.scaling)  # (N, out)·(out, r) -> (N, r)
+            if need_a:
+                grad_a = (ga.T @ x2).to(ctx.dtypes[0])  # (r, N)·(N, in)
+            if need_x:
+                grad_x = ga @ wa  # (N, r)·(r, in): the adapter's part of ∂x, a fresh tensor
+                if drop is not None:
+                    grad_x.view(-1).index_fill_(0, drop, 0)
+                grad_x.addmm_(g2, ctx.dense(grad.dtype))  # += the base's: (N, out)·(out, in)
+                grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def _save_now(ctx, *tensors) -> None:
+    """Save `tensors` for backward now, through the saved-tensor hooks in effect (what `save_for_backward` does when
+    the forward returns), or with `save_for_backward` when there are none."""
+    hooks = saved_tensors_hooks()
+    ctx.unpack = None if hooks is None else hooks[1]
+    if hooks is None:
+        ctx.save_for_backward(*tensors)
+    else:
+        ctx.packed = tuple(None if t is None else hooks[0](t) for t in tensors)
+
+
+def _saved(ctx) -> tuple:
+    if ctx.unpack is None:
+        return ctx.saved_tensors
+    return tuple(None if p is None else ctx.unpack(p) for p in ctx.packed)
+
+
+def lora_linear(x: torch.Tensor, base: torch.nn.Module,
+                dense: Callable[[torch.nn.Module], Callable[[torch.dtype], torch.Tensor]],
+                weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float,
+                drop: torch.Tensor | None) -> torch.Tensor:
+    """base(x) + scaling·(x̃·Aᵀ)·Bᵀ, x̃ = x with the flat positions `drop` zeroed, as one autograd node.
+
+    `base` must be frozen and return x's dtype; `dense(base)`, called after the base's forward, returns a function
+    of a dtype giving the base's weight as a dense (out, in) tensor for ∂x (called in the backward). A and B may be
+    stored in another dtype than x (they are cast to it; their gradients come back in their own dtype).
+    """
+    return _LoraLinear.apply(x, weight_a, weight_b, base, dense, scaling, drop)
 
 
 def dropped_linear(x: torch.Tensor, weight: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:

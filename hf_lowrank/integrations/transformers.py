@@ -8,12 +8,13 @@ adapter-only `save_pretrained`) are set by `hf_lowrank.loading.attach`, not here
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 from pathlib import Path
 
-from ..atomic import interrupted_save
+from ..atomic import atomic_write_files, interrupted_save
 from ..format import CARD_NAME, CONFIG_NAME, FULL_MODEL_FILES, WEIGHTS_NAME
 from ..inject import has_adapters
 from .registry import register, wraps
@@ -252,13 +253,15 @@ def _wrap_push_from_checkpoint(original):
                 if os.path.isfile(os.path.join(checkpoint_folder, TRAINING_ARGS)):
                     torch.save(self.args, os.path.join(checkpoint_folder, TRAINING_ARGS))
             out = self.args.output_dir
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                if os.path.isfile(os.path.join(checkpoint_folder, name)):
-                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(out, name))
-            card = os.path.join(checkpoint_folder, CARD_NAME)
-            if os.path.isfile(card) and not os.path.isfile(os.path.join(out, CARD_NAME)):
-                shutil.copy(card, os.path.join(out, CARD_NAME))
+            # the previous push may still be uploading `out` (run_as_future): every file lands there already
+            # published and whole (the checkpoint rewritten first, then copied in atomically)
             publish_in_place(checkpoint_folder)
+            card = os.path.join(checkpoint_folder, CARD_NAME)
+            names = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if os.path.isfile(os.path.join(checkpoint_folder, n))]
+            if os.path.isfile(card) and not os.path.isfile(os.path.join(out, CARD_NAME)):
+                names.append(CARD_NAME)
+            atomic_write_files(Path(out), {n: functools.partial(shutil.copyfile, os.path.join(checkpoint_folder, n))
+                                           for n in names})
             publish_in_place(out)
         return original(self, checkpoint_folder)
 

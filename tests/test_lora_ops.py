@@ -1,0 +1,210 @@
+"""`lora_ops.lora_linear`, a LoRA layer's training path over a frozen base as one autograd node: the same values as
+the per-module path, when it is taken, and that gradient checkpointing's recompute stops before a block's last base
+layer with it, as it does for the frozen model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hf_lowrank import LoraLinear
+from hf_lowrank.compat import saved_tensors_hooks
+
+ONE_NODE = "_LoraLinearBackward"
+
+
+def _base(kind: str, in_f: int = 128, out_f: int = 192, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind.startswith("nf4"):
+        import bitsandbytes as bnb
+
+        dtype = torch.bfloat16 if kind == "nf4-bf16" else torch.float32
+        dense = nn.Linear(in_f, out_f, bias=False)
+        q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)._quantize("cpu")
+        return q
+    if kind.startswith("conv1d"):
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(out_f, in_f)
+        nn.init.normal_(layer.weight, std=0.05)
+        nn.init.normal_(layer.bias, std=0.05)
+    else:
+        layer = nn.Linear(in_f, out_f, bias=True)
+    return layer.to(torch.bfloat16 if kind.endswith("bf16") else torch.float32).requires_grad_(False)
+
+
+def _layer(kind: str, p: float) -> LoraLinear:
+    layer = LoraLinear(_base(kind), r=8, alpha=16, dropout=p).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.1)
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    return layer
+
+
+def _dtype(kind: str) -> torch.dtype:
+    return torch.bfloat16 if kind.endswith("bf16") else torch.float32
+
+
+def _run(layer: LoraLinear, x0: torch.Tensor, G: torch.Tensor, mode: str):
+    """(y, ∂x, ∂A, ∂B, the output's grad_fn name) of one forward + backward from a fixed generator state."""
+    layer.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    if mode == "checkpoint":
+        y = checkpoint(layer, x, use_reentrant=False)
+    elif mode == "hooks":  # other saved-tensor hooks (offloading-like): every packed tensor is unpacked once
+        counts = {"pack": 0, "unpack": 0}
+
+        def pack(t):
+            counts["pack"] += 1
+            return t.clone()
+
+        def unpack(t):
+            counts["unpack"] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = layer(x)
+    else:
+        y = layer(x)
+    name = type(y.grad_fn).__name__
+    y.backward(G)
+    if mode == "hooks":
+        assert counts["pack"] > 0 and counts["pack"] == counts["unpack"], counts
+    return y.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad, name
+
+
+def _force_per_module(layer: LoraLinear):
+    """A no-op hook on lora_A (what DeepSpeed ZeRO-3 installs): the layer must call its submodules."""
+    return layer.lora_A.register_forward_pre_hook(lambda module, args: None)
+
+
+@pytest.mark.parametrize("kind", ["linear-fp32", "linear-bf16", "conv1d-fp32", "nf4-bf16", "nf4-fp32"])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+@pytest.mark.parametrize("mode", ["plain", "checkpoint", "hooks"])
+def test_one_node_equals_the_per_module_path(kind, p, mode):
+    """Output and the gradients of x, A and B equal the per-module path's: fp32 to 1e-5 of the largest entry, bf16
+    to 1e-2 (∂x sums the base's and the adapter's parts in one addmm_ instead of two roundings); A's and B's
+    gradients come back in their fp32 storage dtype. The checkpointed run equals the plain one bitwise."""
+    layer = _layer(kind, p)
+    dtype = _dtype(kind)
+    x0 = torch.randn(3, 40, 128).to(dtype)
+    G = torch.randn(3, 40, 192).to(dtype)
+    got = _run(layer, x0, G, mode)
+    handle = _force_per_module(layer)
+    ref = _run(layer, x0, G, mode)
+    handle.remove()
+    assert got[4] == ONE_NODE and ref[4] != ONE_NODE, (got[4], ref[4])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g, r in zip(("y", "x", "A", "B"), got[:4], ref[:4], strict=True):
+        assert g.dtype == r.dtype == (dtype if name in "yx" else torch.float32), name
+        assert r.abs().max() > 0, name
+        err = ((g.float() - r.float()).abs().max() / r.float().abs().max()).item()
+        assert err < tol, (name, err)
+    with torch.no_grad():
+        layer.disabled = True
+        base_y = layer(x0)
+        layer.disabled = False
+    assert (got[0].float() - base_y.float()).abs().max() > 1e-2 * base_y.float().abs().max(), "the adapter matters"
+    if mode == "checkpoint":
+        plain = _run(layer, x0, G, "plain")
+        for g, c in zip(got[:4], plain[:4], strict=True):
+            assert torch.equal(g, c)
+
+
+def test_when_the_one_node_path_is_taken():
+    """Only for training over a frozen base computing in x's dtype, with no hooks on the layer's modules; the other
+    cases keep the per-module path (and a trainable base gets its gradient)."""
+    x32, x16 = torch.randn(2, 5, 128), torch.randn(2, 5, 128).to(torch.bfloat16)
+
+    def node(layer, x):
+        return type(layer(x.clone().requires_grad_(True)).grad_fn).__name__
+
+    assert node(_layer("linear-fp32", 0.0), x32) == ONE_NODE
+    trainable = _layer("linear-fp32", 0.0)
+    trainable.base_layer.weight.requires_grad_(True)
+    assert node(trainable, x32) != ONE_NODE
+    trainable(x32).sum().backward()
+    assert trainable.base_layer.weight.grad is not None and trainable.base_layer.weight.grad.abs().max() > 0
+    assert node(_layer("nf4-bf16", 0.0), x32) != ONE_NODE  # fp32 activations into a bf16-compute 4-bit layer
+    assert node(_layer("nf4-bf16", 0.0), x16) == ONE_NODE
+    dora = LoraLinear(_base("linear-fp32"), r=8, alpha=16, use_dora=True).train()
+    assert node(dora, x32) != ONE_NODE
+    hooked = _layer("linear-fp32", 0.0)
+    hooked.base_layer.register_forward_hook(lambda module, args, out: None)
+    assert node(hooked, x32) != ONE_NODE
+    backward_hooked = _layer("linear-fp32", 0.0)
+    backward_hooked.lora_B.register_full_backward_hook(lambda module, gin, gout: None)
+    assert node(backward_hooked, x32) != ONE_NODE
+    with torch.no_grad():
+        assert _layer("linear-fp32", 0.0)(x32).grad_fn is None
+    if torch.cuda.is_available():  # off CPU, dropout > 0 is torch's own (its mask is not positions)
+        assert node(_layer("linear-fp32", 0.1).cuda(), x32.cuda()) != ONE_NODE
+
+
+def _gemm_4bit_calls(fn) -> int:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "bitsandbytes::gemm_4bit")
+
+
+def test_checkpoint_recompute_stops_before_the_last_base_matmul():
+    """A checkpointed block of two 4-bit LoRA layers (silu between): its recompute runs the first base matmul and
+    stops before the second, as it does with the adapters disabled (bitsandbytes packs nothing for checkpointing);
+    the per-module path packs the B side after the base, so its recompute runs both."""
+    first, second = _layer("nf4-bf16", 0.05), LoraLinear(_base("nf4-bf16", 192, 128, 2), r=8, alpha=16,
+                                                         dropout=0.05).train()
+    block = nn.Sequential(first, nn.SiLU(), second)
+    x0 = torch.randn(2, 64, 128).to(torch.bfloat16)
+
+    def step():
+        x = x0.clone().requires_grad_(True)
+        y = checkpoint(block, x, use_reentrant=False)
+        y.float().pow(2).sum().backward()
+        return x.grad
+
+    def disabled_step():
+        for m in (first, second):
+            m.disabled = True
+        try:
+            return step()
+        finally:
+            for m in (first, second):
+                m.disabled = False
+
+    one_node = _gemm_4bit_calls(step)
+    floor = _gemm_4bit_calls(disabled_step)
+    handles = [_force_per_module(m) for m in (first, second)]
+    per_module = _gemm_4bit_calls(step)
+    for h in handles:
+        h.remove()
+    assert floor == 3, floor  # two in the forward, one in the recompute
+    assert one_node == floor and per_module == 4, (one_node, floor, per_module)
+    assert first.lora_A.weight.grad is not None and second.lora_B.weight.grad.abs().max() > 0
+
+
+def test_saved_tensors_hooks_getter():
+    """compat.saved_tensors_hooks: the innermost pair in effect, None outside any or while they are disabled."""
+    assert saved_tensors_hooks() is None
+
+    def pack(t):
+        return t
+
+    def unpack(t):
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        assert saved_tensors_hooks() == (pack, unpack)
+    assert saved_tensors_hooks() is None
+    with torch.autograd.graph.disable_saved_tensors_hooks("off"):
+        assert saved_tensors_hooks() is None
+        layer = _layer("linear-fp32", 0.0)  # disabled hooks, none pushed: saved the usual way
+        layer(torch.randn(2, 128, requires_grad=True)).sum().backward()
+        assert layer.lora_A.weight.grad.abs().max() > 0
