@@ -17,7 +17,7 @@ in one named place. Each entry says what it touches, why no public API does, and
                         `torch.autograd.graph.saved_tensors_hooks` (gradient checkpointing's), so that
                         `lora_ops.lora_linear` can pack its tensors before its base layer runs (`save_for_backward`
                         packs only when the forward returns; no public getter exists). Missing: None, tensors saved
-                        the usual way. Test: tests/test_layers.py (the recompute stops before the last base matmul).
+                        the usual way. Test: tests/test_lora_ops.py (the recompute stops before the last base matmul).
 - `shield_cpu_repack`   a bitsandbytes bug (below), version-gated.
 """
 

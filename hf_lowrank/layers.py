@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compat import shield_cpu_repack
-from .lora_ops import add_low_rank_, dropped_linear, lora_linear
+from .lora_ops import add_low_rank_, dropped_linear, lora_linear, zeroed
 
 #: the adapter's parameter names inside a LoRA layer, as PEFT's files key them (`<module>.lora_A.weight`).
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
@@ -361,7 +361,7 @@ def dropout_unscaled(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     """(dropout(x) without its 1/(1-p) factor, that factor): `dropout_plan` with the positions zeroed in a copy."""
     x_in, drop, keep = dropout_plan(dropout, x)
     if drop is not None:
-        x_in = x.reshape(-1).index_fill(0, drop, 0).view(x.shape)  # (…, in) -> (…, in), one copy
+        x_in = zeroed(x, drop)  # (…, in) -> (…, in), one copy
     return x_in, keep
 
 

@@ -38,7 +38,7 @@ from .compat import saved_tensors_hooks
 class _DroppedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        x_in = x.reshape(-1).index_fill(0, drop, 0).view(x.shape)  # (…, in), one copy
+        x_in = zeroed(x, drop)  # (…, in), one copy
         ctx.save_for_backward(x_in, weight, drop)
         return torch.matmul(x_in, weight.T)  # (…, in) -> (…, r)
 
@@ -84,7 +84,7 @@ class _LoraLinear(torch.autograd.Function):
         wa, wb = weight_a.to(x.dtype), weight_b.to(x.dtype)  # (r, in), (out, r), in the activations' dtype
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         if drop is not None:
-            x2 = x2.reshape(-1).index_fill(0, drop, 0).view(x2.shape)  # one copy
+            x2 = zeroed(x2, drop)  # one copy
         a = x2 @ wa.T  # (N, in) -> (N, r)
         _save_now(ctx, x2, a, wa, wb, drop)  # before the base: see the module docstring
         out = base(x)  # (…, in) -> (…, out); no graph (grad mode is off in here)
@@ -144,6 +144,11 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Module,
     stored in another dtype than x (they are cast to it; their gradients come back in their own dtype).
     """
     return _LoraLinear.apply(x, weight_a, weight_b, base, dense, scaling, drop)
+
+
+def zeroed(x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """A copy of x with its flat positions `drop` set to zero (dropout's masked input, unscaled)."""
+    return x.reshape(-1).index_fill(0, drop, 0).view(x.shape)
 
 
 def dropped_linear(x: torch.Tensor, weight: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
