@@ -18,6 +18,10 @@ in one named place. Each entry says what it touches, why no public API does, and
                         `lora_ops.lora_linear` can pack its tensors before its base layer runs (`save_for_backward`
                         packs only when the forward returns; no public getter exists). Missing: None, tensors saved
                         the usual way. Test: tests/test_lora_ops.py (the recompute stops before the last base matmul).
+- `graph_kept`          torch's `_get_current_graph_task_keep_graph`: whether the running backward keeps the graph
+                        (`retain_graph`), so that `lora_linear` frees the tensors it packed itself as autograd frees
+                        saved ones. Missing: True (kept until the graph goes). Test: tests/test_lora_ops.py (packed
+                        tensors freed by the backward; a second backward refused).
 - `shield_cpu_repack`   a bitsandbytes bug (below), version-gated.
 """
 
@@ -64,6 +68,14 @@ def saved_tensors_hooks():
         return autograd._top_saved_tensors_default_hooks(False)
     except AttributeError:
         return None
+
+
+def graph_kept() -> bool:
+    """Whether the backward running now keeps the graph (`retain_graph=True`, or `create_graph`)."""
+    try:
+        return torch._C._autograd._get_current_graph_task_keep_graph()
+    except AttributeError:
+        return True
 
 
 # ---- bitsandbytes: the packed CPU path ----------------------------------------------------------------------------

@@ -98,6 +98,7 @@ class LoraLinear(nn.Module):
             if use_dora else None
         self.reset_parameters(init)
         shield_cpu_repack(base_layer)
+        self._lazy_dtype = not getattr(base_layer, "compute_type_is_set", True)
 
     def set_scaling(self, alpha: float, use_rslora: bool = False) -> None:
         self.alpha, self.use_rslora = alpha, use_rslora
@@ -149,7 +150,9 @@ class LoraLinear(nn.Module):
         if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
         if is_4bit(base) or (type(base).__name__ in _4BIT and getattr(base, "quant_state", None) is not None):
-            return getattr(base, "compute_dtype", None) == x.dtype  # (FSDP2 hands bnb a weight without its state)
+            # (FSDP2 hands bnb a weight without its state); a compute dtype that bnb sets in the first forward
+            # would change this answer between a checkpointed forward and its recompute
+            return not self._lazy_dtype and getattr(base, "compute_dtype", None) == x.dtype
         return (type(base) is nn.Linear or is_conv1d(base)) and weight.dtype == x.dtype
 
     @torch.no_grad()
@@ -344,10 +347,8 @@ def dropout_plan(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     left for the caller to fold into the scaling).
 
     On CPU, for 0 < p ≤ 0.5, the dropped positions are drawn as geometric gaps between drops (`drop_positions`):
-    about n·p random draws instead of bernoulli_'s n, and no n-element mask; `LoraA` zeroes them in its one copy of
-    x, and the same positions of x's gradient in place (`lora_ops.dropped_linear`). A bernoulli_ mask and a masked
-    copy of x and of its gradient were a third of what separated a CPU step from the frozen model's. Elsewhere
-    (and for larger p) torch's own dropout runs, scaled.
+    about n·p random draws instead of bernoulli_'s n, and no n-element mask; they are zeroed in one copy of x, and
+    in x's gradient in place (`lora_ops`). Elsewhere (and for larger p) torch's own dropout runs, scaled.
     """
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     if p == 0.0:

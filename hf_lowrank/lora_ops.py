@@ -23,7 +23,9 @@ each costs Python time that a 128-token step notices), and one (…, in) gradien
 base's g·W0 is accumulated into the adapter's part in place). Its saved tensors are packed before the base layer
 runs, so that in a block under non-reentrant gradient checkpointing the recompute stops before the block's last base
 matmul (down_proj), as it does for the frozen model: checkpointing counts packed tensors, and bitsandbytes' 4-bit
-matmul packs none.
+matmul packs none. It frees what it packed when its backward runs (unless the graph is retained), as autograd does.
+
+The backwards are first-order (`once_differentiable`): a backward through the gradients they return raises.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from .compat import saved_tensors_hooks
+from .compat import graph_kept, saved_tensors_hooks
 
 
 class _DroppedLinear(torch.autograd.Function):
@@ -43,6 +46,7 @@ class _DroppedLinear(torch.autograd.Function):
         return torch.matmul(x_in, weight.T)  # (…, in) -> (…, r)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x_in, weight, drop = ctx.saved_tensors
         grad_x = grad_w = None
@@ -64,9 +68,10 @@ class _AddLowRank(torch.autograd.Function):
             out.view(-1, out.shape[-1]).addmm_(a2, weight.T, alpha=scaling)  # (N, out) += s·(N, r)·(r, out)
             ctx.mark_dirty(out)
             return out
-        return torch.addmm(out.reshape(-1, out.shape[-1]), a2, weight.T, alpha=scaling).view(out.shape)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), a2, weight.T, alpha=scaling).view(out.shape).detach()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         a2, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
@@ -93,9 +98,10 @@ class _LoraLinear(torch.autograd.Function):
             out = out.contiguous()
         out.view(-1, out.shape[-1]).addmm_(a, wb.T, alpha=scaling)  # (N, out) += s·(N, r)·(r, out)
         ctx.scaling, ctx.x_shape, ctx.dtypes = scaling, x.shape, (weight_a.dtype, weight_b.dtype)
-        return out
+        return out if out._base is None else out.detach()  # not a view: the caller may change it in place
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x2, a, wa, wb, drop = _saved(ctx)
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
@@ -113,6 +119,8 @@ class _LoraLinear(torch.autograd.Function):
                     grad_x.view(-1).index_fill_(0, drop, 0)
                 grad_x.addmm_(g2, ctx.dense(grad.dtype))  # += the base's: (N, out)·(out, in)
                 grad_x = grad_x.view(ctx.x_shape)
+        if not graph_kept():  # freed as autograd frees what save_for_backward saved
+            ctx.packed = ctx.dense = None
         return grad_x, grad_a, grad_b, None, None, None, None
 
 
@@ -130,6 +138,11 @@ def _save_now(ctx, *tensors) -> None:
 def _saved(ctx) -> tuple:
     if ctx.unpack is None:
         return ctx.saved_tensors
+    if ctx.packed is None:  # autograd's own words for its saved tensors
+        raise RuntimeError(
+            "Trying to backward through the graph a second time (or directly access saved tensors after they have "
+            "already been freed). Saved intermediate values of the graph are freed when you call .backward() or "
+            "autograd.grad(). Specify retain_graph=True if you need to backward through the graph a second time.")
     return tuple(None if p is None else ctx.unpack(p) for p in ctx.packed)
 
 

@@ -453,6 +453,30 @@ def test_trainer_pushes_adapter_only(hub, tiny_llama, tmp_path):
     assert type(local_args).__name__ == "TrainingArguments" and local_args.hub_token is None
 
 
+@pytest.mark.parametrize("why", ["previous push still uploading", "hub_strategy end"])
+def test_a_checkpoint_the_trainer_does_not_push_is_left_alone(tiny_llama, tmp_path, why):
+    """Where transformers' `_push_from_checkpoint` pushes nothing (its two early returns), ours copies nothing into
+    output_dir either, and the checkpoint keeps the files it was saved with (its local base path, for resuming)."""
+    from concurrent.futures import Future
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.utils.hub import PushInProgress
+
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True,
+                             hub_strategy="end" if why == "hub_strategy end" else "every_save")
+    trainer = Trainer(model=adapted(tiny_llama), args=args, callbacks=[hf_lowrank.LowRankCallback()])
+    checkpoint = out / "checkpoint-2"
+    trainer.save_model(str(checkpoint))
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    assert json.loads(before["adapter_config.json"])["base_model_name_or_path"] == tiny_llama
+    if why == "previous push still uploading":
+        trainer.push_in_progress = PushInProgress([Future()])  # a pending upload
+    trainer._push_from_checkpoint(str(checkpoint))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+
+
 # ---- olah: a Hub mirror nobody here wrote, serving git repositories -------------------------------------------------
 
 

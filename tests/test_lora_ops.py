@@ -208,3 +208,118 @@ def test_saved_tensors_hooks_getter():
         layer = _layer("linear-fp32", 0.0)  # disabled hooks, none pushed: saved the usual way
         layer(torch.randn(2, 128, requires_grad=True)).sum().backward()
         assert layer.lora_A.weight.grad.abs().max() > 0
+
+
+def _lazy_nf4(seed: int = 0) -> nn.Module:
+    """A 4-bit layer built without a compute dtype: bitsandbytes sets it from x in its first forward."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    dense = nn.Linear(128, 192, bias=False)
+    q = bnb.nn.Linear4bit(128, 192, bias=False, compute_dtype=None, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    assert not q.compute_type_is_set
+    return q
+
+
+def test_a_compute_dtype_set_in_the_first_forward_keeps_one_path():
+    """bitsandbytes sets a missing compute dtype during the layer's first forward. Under non-reentrant
+    checkpointing that forward and its recompute must take the same path (else the recomputed tensors differ and
+    the first backward raises): the layer keeps the per-module path, and its first checkpointed step's gradients
+    equal a plain step's."""
+    x0 = torch.randn(2, 16, 128).to(torch.bfloat16)
+    G = torch.randn(2, 16, 192).to(torch.bfloat16)
+    grads = {}
+    for mode in ("checkpoint", "plain"):
+        layer = LoraLinear(_lazy_nf4(), r=8, alpha=16, dropout=0.05).train()
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        grads[mode] = _run(layer, x0, G, mode)
+        assert layer.base_layer.compute_dtype == torch.bfloat16 and grads[mode][4] != ONE_NODE
+        assert _run(layer, x0, G, mode)[4] != ONE_NODE  # nor later, once the dtype is set
+    for g, p in zip(grads["checkpoint"][:4], grads["plain"][:4], strict=True):
+        assert p.abs().max() > 0 and torch.equal(g, p)
+
+
+class _Box:
+    """What a pack hook returns (tracked by weak reference)."""
+
+    def __init__(self, t):
+        self.t = t
+
+
+def test_packed_tensors_are_freed_by_the_backward():
+    """Under saved-tensor hooks (CPU offloading, say) the tensors the node packed itself are released when its
+    backward runs, as autograd releases saved ones: a second backward is refused with autograd's message, unless
+    the first kept the graph (`retain_graph=True`), when both run and the gradients add up."""
+    import gc
+    import weakref
+
+    layer = _layer("linear-fp32", 0.05)
+    x0, G = torch.randn(3, 40, 128), torch.randn(3, 40, 192)
+    boxes = []
+
+    def pack(t):
+        boxes.append(weakref.ref(box := _Box(t)))
+        return box
+
+    def run(retain: bool):
+        boxes.clear()
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+            y = layer(x0.clone().requires_grad_(True))
+        assert type(y.grad_fn).__name__ == ONE_NODE and len(boxes) == 5
+        y.backward(G, retain_graph=retain)
+        gc.collect()
+        return y
+
+    y = run(retain=False)
+    assert all(b() is None for b in boxes), "packed tensors outlive the backward"
+    once = layer.lora_A.weight.grad.clone()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time.*retain_graph=True"):
+        y.backward(G)
+    assert torch.equal(layer.lora_A.weight.grad, once), "a refused backward changed a gradient"
+    y = run(retain=True)
+    assert all(b() is not None for b in boxes)
+    y.backward(G)
+    torch.testing.assert_close(layer.lora_A.weight.grad, 2 * once, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("one_node", [True, False])
+def test_the_output_may_be_changed_in_place(one_node):
+    """A biased Linear over 3-D input returns a view: the layer's output is still a tensor the next module may
+    change in place (`ReLU(inplace=True)`), on either path, with the gradients of the same formula in torch ops."""
+    layer = _layer("linear-fp32", 0.0)
+    handle = None if one_node else _force_per_module(layer)
+    x0, G = torch.randn(3, 40, 128), torch.randn(3, 40, 192)
+    x = x0.clone().requires_grad_(True)
+    y = layer(x)
+    assert (type(y.grad_fn).__name__ == ONE_NODE) == one_node
+    nn.ReLU(inplace=True)(y).backward(G)
+    if handle is not None:
+        handle.remove()
+    base, A, B = layer.base_layer, layer.lora_A.weight, layer.lora_B.weight
+    xr, Ar, Br = x0.clone().requires_grad_(True), A.detach().clone().requires_grad_(True), \
+        B.detach().clone().requires_grad_(True)
+    torch.relu(base(xr) + layer.scaling * (xr @ Ar.T) @ Br.T).backward(G)
+    for got, ref in ((x.grad, xr.grad), (A.grad, Ar.grad), (B.grad, Br.grad)):
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("one_node", [True, False])
+def test_second_order_gradients_are_refused(one_node):
+    """The backward is written for first-order gradients only: backpropagating through a gradient it returned
+    (create_graph=True, then a penalty on that gradient) raises instead of leaving out the terms through x."""
+    layer = _layer("linear-fp32", 0.0)
+    handle = None if one_node else _force_per_module(layer)
+    x = torch.randn(4, 128, requires_grad=True)
+    y = layer(x)
+    assert (type(y.grad_fn).__name__ == ONE_NODE) == one_node
+    (grad_a,) = torch.autograd.grad(y.pow(2).sum(), layer.lora_A.weight, create_graph=True)
+    assert grad_a.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        grad_a.pow(2).sum().backward()
+    if handle is not None:
+        handle.remove()

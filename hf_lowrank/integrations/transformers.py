@@ -252,9 +252,11 @@ def _wrap_push_from_checkpoint(original):
                 redact_hub_token(self.args)
                 if os.path.isfile(os.path.join(checkpoint_folder, TRAINING_ARGS)):
                     torch.save(self.args, os.path.join(checkpoint_folder, TRAINING_ARGS))
+            if not _pushes(self):  # transformers' own two early returns: nothing is published or copied then
+                return original(self, checkpoint_folder)
+            # the previous push may still be uploading `out` (run_as_future, hub_always_push): every file lands
+            # there already published and whole (the checkpoint rewritten first, then copied in atomically)
             out = self.args.output_dir
-            # the previous push may still be uploading `out` (run_as_future): every file lands there already
-            # published and whole (the checkpoint rewritten first, then copied in atomically)
             publish_in_place(checkpoint_folder)
             card = os.path.join(checkpoint_folder, CARD_NAME)
             names = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if os.path.isfile(os.path.join(checkpoint_folder, n))]
@@ -266,6 +268,13 @@ def _wrap_push_from_checkpoint(original):
         return original(self, checkpoint_folder)
 
     return wraps(original, _push_from_checkpoint)
+
+
+def _pushes(trainer) -> bool:
+    """Whether `Trainer._push_from_checkpoint` goes on to copy a checkpoint into output_dir and push it: not with
+    `hub_strategy="end"`, nor while the previous push is still uploading (unless `hub_always_push`)."""
+    push = getattr(trainer, "push_in_progress", None)  # set once the Trainer made its Hub repo
+    return trainer.args.hub_strategy != "end" and (trainer.args.hub_always_push or push is None or push.is_done())
 
 
 def update_adapter_card(model, output_dir: str, repo_id: str | None = None) -> None:
