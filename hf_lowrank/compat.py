@@ -71,7 +71,7 @@ def saved_tensors_hooks():
 
 
 def graph_kept() -> bool:
-    """Whether the backward running now keeps the graph (`retain_graph=True`, or `create_graph`)."""
+    """Whether the backward running now keeps the graph (`retain_graph`, which defaults to `create_graph`)."""
     try:
         return torch._C._autograd._get_current_graph_task_keep_graph()
     except AttributeError:

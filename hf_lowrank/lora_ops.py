@@ -25,7 +25,7 @@ runs, so that in a block under non-reentrant gradient checkpointing the recomput
 matmul (down_proj), as it does for the frozen model: checkpointing counts packed tensors, and bitsandbytes' 4-bit
 matmul packs none. It frees what it packed when its backward runs (unless the graph is retained), as autograd does.
 
-The backwards are first-order (`once_differentiable`): a backward through the gradients they return raises.
+The backwards are first-order: one with `create_graph=True` (grad mode on in the backward) raises.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .compat import graph_kept, saved_tensors_hooks
 
@@ -46,8 +45,8 @@ class _DroppedLinear(torch.autograd.Function):
         return torch.matmul(x_in, weight.T)  # (…, in) -> (…, r)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        _first_order()
         x_in, weight, drop = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -71,8 +70,8 @@ class _AddLowRank(torch.autograd.Function):
         return torch.addmm(out.reshape(-1, out.shape[-1]), a2, weight.T, alpha=scaling).view(out.shape).detach()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        _first_order()
         a2, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_a = grad_w = None
@@ -101,8 +100,8 @@ class _LoraLinear(torch.autograd.Function):
         return out if out._base is None else out.detach()  # not a view: the caller may change it in place
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        _first_order()
         x2, a, wa, wb, drop = _saved(ctx)
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
@@ -122,6 +121,15 @@ class _LoraLinear(torch.autograd.Function):
         if not graph_kept():  # freed as autograd frees what save_for_backward saved
             ctx.packed = ctx.dense = None
         return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def _first_order() -> None:
+    """Refuse a backward that builds a graph (`create_graph=True`): the gradients here are written as plain tensor
+    ops over values saved without one, so a gradient of them would leave out terms, silently."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "hf_lowrank's LoRA layers compute first-order gradients only: a backward with create_graph=True (a "
+            "gradient penalty, a Hessian-vector product) is not supported through them.")
 
 
 def _save_now(ctx, *tensors) -> None:

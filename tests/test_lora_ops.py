@@ -309,17 +309,20 @@ def test_the_output_may_be_changed_in_place(one_node):
 
 
 @pytest.mark.parametrize("one_node", [True, False])
-def test_second_order_gradients_are_refused(one_node):
-    """The backward is written for first-order gradients only: backpropagating through a gradient it returned
-    (create_graph=True, then a penalty on that gradient) raises instead of leaving out the terms through x."""
+@pytest.mark.parametrize("loss", ["square", "linear"])
+def test_second_order_gradients_are_refused(one_node, loss):
+    """The backward is written for first-order gradients only: one that builds a graph (create_graph=True, for a
+    penalty on the gradient) raises, whether or not the incoming gradient itself requires grad (with a loss linear
+    in y it does not, and a lazy refusal would let the penalty lose its terms through x and B silently)."""
     layer = _layer("linear-fp32", 0.0)
     handle = None if one_node else _force_per_module(layer)
     x = torch.randn(4, 128, requires_grad=True)
     y = layer(x)
     assert (type(y.grad_fn).__name__ == ONE_NODE) == one_node
-    (grad_a,) = torch.autograd.grad(y.pow(2).sum(), layer.lora_A.weight, create_graph=True)
-    assert grad_a.requires_grad
-    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
-        grad_a.pow(2).sum().backward()
+    objective = y.pow(2).sum() if loss == "square" else (y * torch.randn(4, 192)).sum()
+    with pytest.raises(RuntimeError, match="first-order gradients only.*create_graph=True"):
+        torch.autograd.grad(objective, layer.lora_A.weight, create_graph=True)
     if handle is not None:
         handle.remove()
+    (grad_a,) = torch.autograd.grad(layer(x).pow(2).sum(), layer.lora_A.weight)  # first order: fine
+    assert grad_a.abs().max() > 0 and not grad_a.requires_grad
