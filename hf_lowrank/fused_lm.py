@@ -4,17 +4,22 @@
     True when a transformers causal LM can take the fused path, else the reason it cannot (for a summary line). It
     needs: a decoder (``get_decoder()``, else ``getattr(model, model.base_model_prefix)``) that is a child of the
     model; ``get_output_embeddings()`` returning a float ``nn.Linear`` or an hf_lowrank ``LoraLinear`` around one
-    (handled exactly: the adapter's low-rank term joins the chunked matmul; a 4-bit or 8-bit head is refused);
-    ``loss_function`` being transformers' ``ForCausalLMLoss``; and a ``forward`` whose source (read with ``ast``)
-    calls the decoder, computes ``logits = self.<head>(…)``, changes the logits only by an upcast or inside an
-    ``if …final_logit_softcapping…`` block (read from the config), and assigns ``loss`` only from
+    (handled exactly: the adapter's low-rank term joins the chunked matmul; a 4-bit or 8-bit head, or a DoRA one, is
+    refused);
+    ``loss_function`` being transformers' ``ForCausalLMLoss``; and a ``forward`` whose source (read with ``ast``,
+    `lm_forward`)
+    calls the decoder, feeds the head the decoder's last hidden state unchanged (MiniCPM3 divides it by
+    ``logits_scaling``), computes ``logits = self.<head>(…)``, changes the logits only by an upcast or inside an
+    ``if …final_logit_softcapping…`` block (read from the config; no in-place writes, Chameleon masks image tokens
+    so), and assigns ``loss`` only from
     ``self.loss_function(…)`` (so no logit scaling — Cohere's ``logit_scale``, Granite's ``logits_scaling``, … — and
     no auxiliary loss, e.g. MoE router losses, is silently dropped: those models keep the stock path).
 
 ``fused_causal_lm_forward(model, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kw)``
     Runs the decoder with the remaining keyword arguments (``position_ids``, ``inputs_embeds``, ``use_cache``, …),
     then ``linear_cross_entropy`` over its last hidden state; honours ``shift_labels`` (padding-free collators) and
-    ``ignore_index``. Returns ``CausalLMOutputWithPast(loss=…, logits=None, …)``: **no logits**.
+    ``ignore_index``. Returns ``CausalLMOutputWithPast(loss=…, logits=None, …)``: **no logits** (with
+    ``return_dict=False`` the stock tuple's positions, logits None).
 
 ``enable_fused_loss(model, chunk_size=None, recompute=False) -> str`` / ``disable_fused_loss(model) -> None`` /
 ``fused_loss_status(model) -> str`` (the same summary line for a model as it is now)
@@ -50,11 +55,8 @@ for label smoothing or ``compute_loss_func``, get the stock logits).
 
 from __future__ import annotations
 
-import ast
-import functools
 import inspect
 import logging
-import textwrap
 import types
 from dataclasses import dataclass
 
@@ -63,6 +65,7 @@ from torch import nn
 
 from .inject import output_head
 from .layers import LoraLinear, SavedModule, dropout_unscaled
+from .lm_forward import Plan, forward_plan
 from .loss import auto_chunk_size, linear_cross_entropy
 
 logger = logging.getLogger("hf_lowrank")
@@ -74,15 +77,6 @@ _ATTR = "_hf_lowrank_fused_loss"
 
 
 # ---- which models can take it --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Plan:
-    decoder_name: str
-    head_name: str
-    softcap_attr: bool  # the forward soft-caps with config.final_logit_softcapping
-    cast_hidden: bool  # the forward casts the hidden states to the head's dtype (Mamba-style)
-    router_aux: bool  # the forward adds a router loss when output_router_logits (then the stock path is taken)
 
 
 def _decoder(model: nn.Module):
@@ -107,7 +101,9 @@ def _head_parts(head: nn.Module) -> tuple[nn.Module, LoraLinear | None]:
 
 def _head_reason(head: nn.Module) -> str | None:
     """None when the head's weight can be used directly, else why not."""
-    base, _ = _head_parts(head)
+    base, lora = _head_parts(head)
+    if lora is not None and lora.lora_magnitude_vector is not None:
+        return "the output head has a DoRA adapter"
     if not isinstance(base, nn.Linear):
         return f"the output head is a {type(base).__name__}, not nn.Linear"
     w = getattr(base, "weight", None)
@@ -120,86 +116,12 @@ def _child_name(model: nn.Module, module: nn.Module) -> str | None:
     return next((n for n, m in model.named_children() if m is module), None)
 
 
-def _inside_if(node: ast.AST, parents: dict, word: str) -> bool:
-    """Whether `node` sits in an `if` whose test mentions `word`."""
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If) and word in ast.unparse(node.test):
-            return True
-    return False
-
-
-_NO_OP_METHODS = ("float", "contiguous")
-
-
-def _strip_no_ops(value: ast.AST) -> ast.AST:
-    """`x.float().contiguous()` -> `x`."""
-    while (isinstance(value, ast.Call) and not value.args and not value.keywords
-           and isinstance(value.func, ast.Attribute) and value.func.attr in _NO_OP_METHODS):
-        value = value.func.value
-    return value
-
-
-@functools.lru_cache(maxsize=64)
-def _forward_plan(cls: type, decoder_name: str, head_name: str) -> _Plan | str:
-    """Read the class's forward (ast): what it does between the decoder and the loss must be what we replicate."""
-    name = cls.__name__
-    fn = inspect.unwrap(cls.forward)
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return f"{name}.forward's source is not readable"
-    func = tree.body[0]
-    parents = {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
-
-    def self_call(call: ast.AST, attr: str) -> bool:
-        f = getattr(call, "func", None)
-        return (isinstance(call, ast.Call) and isinstance(f, ast.Attribute) and f.attr == attr
-                and isinstance(f.value, ast.Name) and f.value.id == "self")
-
-    calls_decoder = head_assigned = softcap = cast_hidden = router_aux = False
-    for node in ast.walk(func):
-        if self_call(node, decoder_name):
-            calls_decoder = True
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-            node, (ast.AugAssign, ast.AnnAssign)) else []
-        names = {t.id for t in targets if isinstance(t, ast.Name)}
-        line = ast.unparse(node).splitlines()[0] if names else ""
-        if "logits" in names:
-            value = _strip_no_ops(node.value) if isinstance(node, ast.Assign) else None
-            if value is not None and self_call(value, head_name) and not head_assigned and len(value.args) == 1 \
-                    and not value.keywords:
-                arg = ast.unparse(value.args[0])
-                head_assigned = True
-                if ".to(" in arg and arg.endswith(f"self.{head_name}.weight.dtype)"):
-                    cast_hidden = True
-                elif not isinstance(value.args[0], (ast.Name, ast.Subscript)):
-                    return f"{name}.forward feeds the head something else than the hidden states: `{line}`"
-            elif value is None or ast.unparse(value) != "logits":  # `logits.float()` / `.contiguous()` are fine
-                if not _inside_if(node, parents, "final_logit_softcapping"):
-                    return f"{name}.forward changes the logits: `{line}`"
-                softcap = True
-        if "loss" in names:
-            value = node.value
-            ok = isinstance(node, ast.Assign) and (
-                (isinstance(value, ast.Constant) and value.value is None) or self_call(value, "loss_function"))
-            if not ok and _inside_if(node, parents, "output_router_logits"):
-                ok = router_aux = True
-            if not ok:
-                return f"{name}.forward computes its own loss: `{line}`"
-    if not calls_decoder:
-        return f"{name}.forward does not call self.{decoder_name}"
-    if not head_assigned:
-        return f"{name}.forward does not compute logits = self.{head_name}(…)"
-    return _Plan(decoder_name, head_name, softcap, cast_hidden, router_aux)
-
-
 def _router_logits_on(model: nn.Module, kwargs: dict) -> bool:
     value = kwargs.get("output_router_logits")
     return bool(getattr(model.config, "output_router_logits", False) if value is None else value)
 
 
-def _plan(model: nn.Module) -> _Plan | str:
+def _plan(model: nn.Module) -> Plan | str:
     config = getattr(model, "config", None)
     if config is None:
         return "not a transformers model (no config)"
@@ -223,13 +145,13 @@ def _plan(model: nn.Module) -> _Plan | str:
         return "transformers' ForCausalLMLoss is not importable"
     if getattr(model, "loss_function", None) is not ForCausalLMLoss:
         return f"the loss is not transformers' ForCausalLMLoss (loss_type={getattr(model, 'loss_type', None)!r})"
-    return _forward_plan(type(model), decoder_name, head_name)
+    return forward_plan(type(model), decoder_name, head_name)
 
 
 def fused_lm_supported(model: nn.Module) -> bool | str:
     """True when `model` can take the fused path; otherwise the reason, for a summary line."""
     plan = _plan(model)
-    return True if isinstance(plan, _Plan) else plan
+    return True if isinstance(plan, Plan) else plan
 
 
 def _softcap_of(model: nn.Module) -> float | None:
@@ -288,7 +210,9 @@ def fused_causal_lm_forward(model: nn.Module, input_ids=None, attention_mask=Non
         if name in fields and getattr(out, name, None) is not None:
             extra[name] = getattr(out, name)
     result = CausalLMOutputWithPast(loss=loss, logits=None, **extra)
-    return result.to_tuple() if return_dict is False else result
+    if return_dict is False:  # the stock tuple's positions, (loss, logits, …): to_tuple() would drop the None
+        return (loss, None, *result.to_tuple()[1:])
+    return result
 
 
 def _full(t):

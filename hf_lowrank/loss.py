@@ -28,8 +28,9 @@ softcap=None, chunk_size=None, low_rank=None, recompute=False) -> loss``
     ``recompute=False`` (default): each chunk's gradient is computed in the forward, right after its loss, and kept
     at the size of the hidden states until the backward, which only scales it by the incoming gradient: the logits
     are computed once, as in the stock path. ``recompute=True``: the backward recomputes each chunk's logits from the
-    saved hidden states (one more head matmul; the same memory). Either way the gradient is exact for any upstream
-    scalar (gradient-accumulation scaling, AMP loss scaling). Without grad mode nothing but the loss is computed.
+    saved hidden states (one more head matmul; the same memory), and is what fp16 always gets (a gradient taken
+    before the loss scale is known underflows there). Either way the gradient is exact for any upstream scalar
+    (gradient-accumulation scaling, AMP loss scaling). Without grad mode nothing but the loss is computed.
 
 Tolerances (tests/test_loss.py): against the stock ``model(input_ids, labels=…)``, fp32 loss and every gradient
 within 1e-5 relative (max |Δ| / max |ref|); bf16 within 1e-3 on the loss and 2e-2 on each gradient (bf16 rounds at
@@ -103,8 +104,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     chunk = int(chunk_size) if chunk_size else auto_chunk_size(vocab, device)
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and t is not None and t.requires_grad) for t in (h, weight, bias, u, w2))
-    opts = _Opts(chunk=chunk, softcap=float(softcap) if softcap else None, needs=needs, recompute=recompute,
-                 dtype=_compute_dtype(device, h.dtype))
+    dtype = _compute_dtype(device, h.dtype)
+    # fp16 cannot hold a gradient taken before the upstream factor (AMP's loss scale) is known: it would underflow,
+    # and the scale itself can overflow in fp16; so its gradient is always recomputed in the backward
+    opts = _Opts(chunk=chunk, softcap=float(softcap) if softcap else None, needs=needs,
+                 recompute=recompute or dtype == torch.float16, dtype=dtype)
     return _LinearCrossEntropy.apply(h, weight, bias, u, w2, rows, targets, denom, opts)
 
 

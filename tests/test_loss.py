@@ -300,6 +300,74 @@ def test_unsupported_models_keep_the_stock_path(tmp_path, tiny_bert):
     assert isinstance(fused_lm_supported(bert), str)
 
 
+def test_models_that_change_the_head_input_or_logits_in_place_keep_the_stock_path():
+    """MiniCPM3 divides the hidden states by `logits_scaling` before its head; Chameleon writes into its logits (image
+    tokens masked): both are refused with the line that does it, and MiniCPM3's loss stays the stock one."""
+    from transformers import ChameleonForConditionalGeneration, MiniCPM3Config, MiniCPM3ForCausalLM
+
+    from hf_lowrank.lm_forward import forward_plan
+
+    torch.manual_seed(0)
+    cfg = MiniCPM3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=128, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                         qk_rope_head_dim=16, v_head_dim=16)
+    model = MiniCPM3ForCausalLM(cfg).train()
+    reason = fused_lm_supported(model)
+    assert isinstance(reason, str) and "changes the hidden states before the head" in reason
+    assert "logits_scaling" in reason
+    ids = tokens(2, 12, 128)
+    stock = model(input_ids=ids, labels=ids).loss
+    assert enable_fused_loss(model) == f"stock ({reason})"
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is not None and torch.equal(out.loss, stock)
+    chameleon = forward_plan(ChameleonForConditionalGeneration, "model", "lm_head")
+    assert isinstance(chameleon, str) and "changes the logits in place" in chameleon and "image_tokens" in chameleon
+
+
+def test_a_dora_head_keeps_the_stock_path(tiny_llama):
+    """DoRA on the head scales its output by m/‖W0 + s·B·A‖, which the chunked matmul does not: refused."""
+    model = _load(tiny_llama, target_modules=["q_proj", "lm_head"], use_dora=True)
+    assert model.lm_head.lora_magnitude_vector is not None
+    reason = fused_lm_supported(model)
+    assert reason == "the output head has a DoRA adapter"
+    assert enable_fused_loss(model) == f"stock ({reason})"
+    batch = _padded()
+    out = model(**batch)
+    out.loss.backward()
+    assert out.logits is not None and model.lm_head.lora_magnitude_vector.grad.abs().max() > 0
+
+
+def test_return_dict_false_keeps_the_stock_positions(tiny_llama):
+    """A tuple output has the stock positions, (loss, logits, …) with logits None, not the cache moved up."""
+    model = _load(tiny_llama)
+    batch = _padded()
+    stock = model(**batch, return_dict=False)
+    enable_fused_loss(model, chunk_size=8)
+    fused = model(**batch, return_dict=False)
+    disable_fused_loss(model)
+    assert len(fused) == len(stock) >= 3 and fused[1] is None and stock[1] is not None
+    assert [type(t) for t in fused[2:]] == [type(t) for t in stock[2:]]
+    assert rel(fused[0], stock[0]) <= FP32["loss"]
+
+
+def test_fp16_gradients_under_a_loss_scale():
+    """In fp16 a gradient taken before the loss scale is known underflows (and the scale overflows fp16), so the
+    backward always recomputes there: under GradScaler's initial scale 2¹⁶ the gradients are finite and within
+    fp16's rounding of the stock path's, whichever `recompute` was asked for."""
+    g = torch.Generator().manual_seed(3)
+    h = (torch.randn(2, 33, 64, generator=g)).to(torch.float16).requires_grad_()
+    w = (torch.randn(3000, 64, generator=g) * 0.2).to(torch.float16).requires_grad_()
+    labels = torch.randint(0, 3000, (2, 33), generator=g)
+    scale = 2.0 ** 16
+    ref = torch.autograd.grad(_stock_loss(h, w, labels, num_items_in_batch=4096) * scale, [h, w])
+    for recompute in (False, True):
+        loss = linear_cross_entropy(h, w, labels, num_items_in_batch=4096, chunk_size=16, recompute=recompute)
+        grads = torch.autograd.grad(loss * scale, [h, w])
+        for got, want in zip(grads, ref, strict=True):
+            assert got.dtype == torch.float16 and torch.isfinite(got).all()
+            assert rel(got, want) <= 1e-2, rel(got, want)
+
+
 def test_mixtral_router_loss_takes_the_stock_path():
     from transformers import MixtralConfig, MixtralForCausalLM
 
