@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .patterns import PatternError, check_pattern, first_match
+from .patterns import PatternError, check_pattern, first_match, pattern_table
 
 QUANTIZATIONS = ("nf4", "fp4", None)
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -35,7 +35,7 @@ class LowRankConfig:
         exclude_modules: same forms as ``target_modules``; matching modules are never adapted.
         use_rslora: rank-stabilised scaling α/√r, which keeps the update size independent of r.
         rank_pattern: ``{regex: r}``; the first pattern that matches a module's name (fullmatch, or suffix match
-            after a dot) overrides ``r`` for it.
+            after a dot) overrides ``r`` for it. At most 4,096 keys (`hf_lowrank.patterns.MAX_PATTERN_KEYS`).
         alpha_pattern: ``{regex: alpha}``, as ``rank_pattern`` for ``lora_alpha``.
         modules_to_save: names (same matching as a target list) of whole modules trained and saved in full, such as
             a freshly initialised classification head. ``None`` picks the head of a sequence-classification model.
@@ -88,9 +88,7 @@ class LowRankConfig:
     loraplus_lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        def bad(name: str, value: Any, allowed: str) -> ValueError:
-            return ValueError(f"LowRankConfig.{name}={value!r} is not valid: expected {allowed}.")
-
+        bad = _invalid
         if not _positive(self.r, int):
             raise bad("r", self.r, f"a positive int such as 8 or 16 (at most {MAX_RANK_OR_ALPHA:,})")
         if not _positive(self.lora_alpha, (int, float)):
@@ -100,27 +98,18 @@ class LowRankConfig:
                 not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", self.lora_dropout, "a float in [0, 1), e.g. 0.05")
         if isinstance(self.target_modules, tuple | set):
-            self.target_modules = sorted(self.target_modules)
+            self.target_modules = sorted(self.target_modules, key=str)  # key=str: a bad entry is reported next
         self._check_names("target_modules", self.target_modules, allow_none=False)
         if isinstance(self.exclude_modules, tuple | set):
-            self.exclude_modules = sorted(self.exclude_modules)
+            self.exclude_modules = sorted(self.exclude_modules, key=str)
         self._check_names("exclude_modules", self.exclude_modules, allow_none=True)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+            if not isinstance(self.modules_to_save, list | tuple) or \
+                    not all(isinstance(m, str) for m in self.modules_to_save):
                 raise bad("modules_to_save", self.modules_to_save, "a list of module names such as ['classifier']")
             self.modules_to_save = list(self.modules_to_save)
-        for name, pattern, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern,
-                                                                               (int, float))):
-            if not isinstance(pattern, dict):
-                raise bad(name, pattern, "a dict {regex: value}")
-            for key, value in pattern.items():
-                try:
-                    check_pattern(key)
-                except PatternError as e:
-                    raise bad(name, key, f"valid regular expressions as keys ({e})") from None
-                if not _positive(value, kind):
-                    raise bad(name, {key: value}, f"finite positive numbers as values (at most "
-                              f"{MAX_RANK_OR_ALPHA:,})")
+        self.rank_pattern = self._checked_patterns("rank_pattern", self.rank_pattern, int)
+        self.alpha_pattern = self._checked_patterns("alpha_pattern", self.alpha_pattern, (int, float))
         if self.init not in INITS:
             raise bad("init", self.init, f"one of {INITS}")
         if self.quantization not in QUANTIZATIONS:
@@ -136,6 +125,8 @@ class LowRankConfig:
             raise bad("quant_storage", self.quant_storage, f"one of {QUANT_STORAGES} (the model dtype for FSDP/ZeRO-3)")
         if not isinstance(self.double_quant, bool):
             raise bad("double_quant", self.double_quant, "True or False")
+        if not isinstance(self.use_rslora, bool):
+            raise bad("use_rslora", self.use_rslora, "True or False")
         if not isinstance(self.fused_loss, bool):
             raise bad("fused_loss", self.fused_loss, "True or False")
         if not isinstance(self.use_dora, bool):
@@ -153,6 +144,22 @@ class LowRankConfig:
             raise bad("loraplus_lr_ratio", self.loraplus_lr_ratio, "None or a finite positive number such as 16")
 
     @staticmethod
+    def _checked_patterns(name: str, patterns: Any, kind: type | tuple[type, ...]) -> dict[str, Any]:
+        """A copy of `patterns` once it is a dict of valid regular expressions to positive numbers of `kind`, whose
+        keys `rank_for` / `alpha_for` can match in bounded time (they are compiled here, once)."""
+        if not isinstance(patterns, dict):
+            raise _invalid(name, patterns, "a dict {regex: value} such as {'q_proj': 8}")
+        for key, value in patterns.items():
+            if not _positive(value, kind):
+                raise _invalid(name, {key: value}, f"finite positive numbers{' (ints)' if kind is int else ''} as "
+                               f"values (at most {MAX_RANK_OR_ALPHA:,})")
+        try:
+            pattern_table(tuple(patterns))
+        except PatternError as e:
+            raise ValueError(f"LowRankConfig.{name} is not valid: {e}.") from None
+        return dict(patterns)
+
+    @staticmethod
     def _check_names(name: str, value: Any, allow_none: bool) -> None:
         if value is None and allow_none:
             return
@@ -163,15 +170,15 @@ class LowRankConfig:
                 check_pattern(value)
             except PatternError as e:
                 raise ValueError(
-                    f"LowRankConfig.{name}={value!r} is not valid: a string is a regular expression ({e}); use a "
+                    f"LowRankConfig.{name}={_shown(value)} is not valid: a string is a regular expression ({e}); use a "
                     f"list such as ['q_proj', 'v_proj'] for plain names, or 'all-linear'."
                 ) from None
             return
         if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
             return
         raise ValueError(
-            f"LowRankConfig.{name}={value!r} is not valid: expected 'all-linear', a non-empty list of module names "
-            f"such as ['q_proj', 'v_proj'], or a regular expression string."
+            f"LowRankConfig.{name}={_shown(value)} is not valid: expected 'all-linear', a non-empty list of module "
+            f"names such as ['q_proj', 'v_proj'], or a regular expression string."
         )
 
     # ---- per-module settings -------------------------------------------------------------------------------------
@@ -229,20 +236,37 @@ class LowRankConfig:
             "r": d.get("r", 8),
             "lora_alpha": d.get("lora_alpha", 8),
             "lora_dropout": d.get("lora_dropout", 0.0),
-            "target_modules": d.get("target_modules") or "all-linear",
+            "target_modules": _given(d, "target_modules", "all-linear"),
             "exclude_modules": d.get("exclude_modules"),
-            "use_rslora": bool(d.get("use_rslora", False)),
-            "use_dora": bool(d.get("use_dora", False)),
-            "rank_pattern": dict(d.get("rank_pattern") or {}),
-            "alpha_pattern": dict(d.get("alpha_pattern") or {}),
+            # JSON booleans only (null is PEFT's unset, False): bool("false") would be True and change the scaling
+            "use_rslora": _given(d, "use_rslora", False),
+            "use_dora": _given(d, "use_dora", False),
+            "rank_pattern": _given(d, "rank_pattern", {}),
+            "alpha_pattern": _given(d, "alpha_pattern", {}),
             "modules_to_save": d.get("modules_to_save"),
             "trainable_token_indices": d.get("trainable_token_indices"),
             "init": "gaussian" if init == "gaussian" else "kaiming",
         }
-        if isinstance(fields["target_modules"], list | tuple | set):
-            fields["target_modules"] = sorted(fields["target_modules"])
+        if isinstance(fields["target_modules"], list):  # PEFT writes a set: the order means nothing
+            fields["target_modules"] = sorted(fields["target_modules"], key=str)
         fields.update(overrides)
         return cls(**fields)
+
+
+def _invalid(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"LowRankConfig.{name}={_shown(value)} is not valid: expected {allowed}.")
+
+
+def _given(d: dict[str, Any], key: str, default: Any) -> Any:
+    """`d[key]`, or `default` where the key is missing or null (PEFT's "unset")."""
+    value = d.get(key)
+    return default if value is None else value
+
+
+def _shown(value: Any) -> str:
+    """`repr(value)`, cut to a length an error message can hold (a config may hold a megabyte in one field)."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text):,} characters)"
 
 
 def _token_list(ids: Any) -> bool:

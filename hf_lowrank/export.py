@@ -80,8 +80,8 @@ def _shards(base: Path) -> tuple[dict | None, list[str]]:
         try:
             index = json.loads(index_path.read_text())
             shards = list(dict.fromkeys(index["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise AdapterError(f"{index_path} is not a valid safetensors index ({e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise AdapterError(f"{index_path} is not a valid safetensors index ({type(e).__name__}: {e})") from None
     elif (base / SINGLE_FILE).is_file():
         index, shards = None, [SINGLE_FILE]
     else:

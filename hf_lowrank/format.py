@@ -65,6 +65,17 @@ def model_key(file_key: str) -> str:
     return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
+def check_one_name_per_tensor(weights_path, tensors: dict) -> None:
+    """PEFT's prefix and its `default` adapter name are optional in file keys: two keys that name one parameter
+    (`x.lora_A.weight` and `base_model.model.x.lora_A.default.weight`) are refused, not loaded one over the other."""
+    seen: dict[str, str] = {}
+    for key in tensors:
+        other = seen.setdefault(model_key(key), key)
+        if other != key:
+            raise AdapterError(f"{weights_path} holds both {other!r} and {key!r}, two names for the parameter "
+                               f"{model_key(key)!r}; an adapter file names each tensor once")
+
+
 def lora_module(key: str) -> tuple[str, str] | None:
     """(module, "A" or "B") for a LoRA tensor's model key, None for a modules_to_save tensor."""
     for suffix, which in ((LORA_A, "A"), (LORA_B, "B")):
@@ -247,6 +258,17 @@ def checksum_matches(metadata: dict[str, str], tensors: dict[str, torch.Tensor])
     return True
 
 
+def header_json(metadata: dict[str, str], key: str) -> Any:
+    """A JSON entry of a safetensors header (None when absent). A file controls it: malformed or too deeply nested
+    JSON raises `ValueError` naming the entry."""
+    try:
+        return json.loads(metadata.get(key, "null"))
+    except RecursionError:
+        raise ValueError(f"{key} is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{key} is not valid JSON ({e})") from None
+
+
 def recorded_loraplus(metadata: dict[str, str]) -> float | None:
     """LoRA+'s ratio the header records (None when none). Raises `ValueError` when it is not a number."""
     return float(metadata[LORAPLUS]) if LORAPLUS in metadata else None
@@ -257,7 +279,7 @@ def recorded_quantization(metadata: dict[str, str]) -> dict[str, Any] | None:
     Raises `ValueError` when the entry is not a JSON object."""
     if QUANTIZATION not in metadata:
         return None
-    quant = json.loads(metadata[QUANTIZATION])
+    quant = header_json(metadata, QUANTIZATION)
     if not isinstance(quant, dict):
         raise ValueError(f"{QUANTIZATION} is {type(quant).__name__}, not an object")
     return {k: v for k, v in quant.items() if k in QUANT_FIELDS}

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .format import ADAPTER_FILES, CARD_NAME, CONFIG_NAME, TRAINING, WEIGHTS_NAME, AdapterError
+from .format import ADAPTER_FILES, CARD_NAME, CONFIG_NAME, TRAINING, WEIGHTS_NAME, AdapterError, header_json
 from .state import read_adapter, save_adapter
 
 logger = logging.getLogger("hf_lowrank")
@@ -138,7 +138,7 @@ def _card_text(files, published: dict[str, Any], metadata: dict[str, str], repo_
     """The README.md to push: ours, written for the published config, unless the user wrote or edited the card."""
     from .card import model_card
 
-    training = json.loads(files.metadata.get(TRAINING, "null"))
+    training = header_json(files.metadata, TRAINING)
     card = files.folder / CARD_NAME
     if card.is_file():
         current = card.read_text(encoding="utf-8", errors="replace")
@@ -207,7 +207,7 @@ def publish_in_place(folder: str | os.PathLike, base_model: str | None = None) -
     if base is None:
         logger.warning("hf_lowrank: %s records the local base %r, which is not published; the pushed config names no "
                        "base", folder, files.base_model)
-    training = json.loads(files.metadata.get(TRAINING, "null"))
+    training = header_json(files.metadata, TRAINING)
     write_adapter_files(folder, files.tensors, {**files.metadata, BASE_MODEL: base or ""},
                         {**files.peft_config, "base_model_name_or_path": base}, training)
 

@@ -197,15 +197,18 @@ def load(model_cls: Any, adapter, *, revision: str | None = None, quantization: 
     """The base model named in the adapter's config (at its recorded revision), then the adapter, strictly.
 
     `quantization` defaults to what hf_lowrank recorded when it saved the adapter, and to None (a 16-bit base)
-    for adapters written by other tools. `base` overrides the recorded base path (a local copy, say).
+    for adapters written by other tools. `base` overrides the recorded base path (a local copy, say); a base the
+    adapter names is read from safetensors files only (`use_safetensors=True`, unless passed).
     """
     files = read(adapter, revision)
     cfg = files.config
     if quantization is not _FROM_ADAPTER:
         cfg = cfg.replace(quantization=quantization)
-    base = base or files.base_model
+    named_by_adapter, base = not base, base or files.base_model
     if not base:
         raise AdapterError(f"{files.config_path}: base_model_name_or_path is empty; pass base='path/or/repo-id'.")
+    if named_by_adapter:  # a stranger's choice, for a Hub adapter: its weights are never unpickled
+        hf_kwargs.setdefault("use_safetensors", True)
     if files.base_revision and "revision" not in hf_kwargs and base == files.base_model:
         hf_kwargs["revision"] = files.base_revision
     check_base(base, hf_kwargs.get("revision"), files, given_as=f"base={base!r}",
@@ -213,7 +216,14 @@ def load(model_cls: Any, adapter, *, revision: str | None = None, quantization: 
                **{k: hf_kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in hf_kwargs})
     if cfg.quantization is None and "dtype" not in hf_kwargs and "torch_dtype" not in hf_kwargs:
         hf_kwargs["dtype"] = "auto"
-    model = from_pretrained(model_cls, base, cfg, **hf_kwargs)
+    try:
+        model = from_pretrained(model_cls, base, cfg, **hf_kwargs)
+    except OSError as e:
+        if named_by_adapter and hf_kwargs["use_safetensors"] and "safetensors" in str(e):
+            raise AdapterError(f"the base model {base!r} recorded in {files.config_path} has no safetensors weights "
+                               f"({e}); hf_lowrank does not unpickle a base an adapter names: pass base=... to "
+                               "load one you trust") from None
+        raise
     return load_adapter(model, files)
 
 

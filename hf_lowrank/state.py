@@ -31,7 +31,6 @@ from .format import (
     CONFIG_CHECKSUM,
     CONFIG_NAME,
     HEAD_TASKS,
-    MODULES,
     PICKLED_WEIGHTS,
     TRAINING,
     VERSION,
@@ -39,8 +38,10 @@ from .format import (
     AdapterError,
     adapter_metadata,
     adapter_state_dict,
+    check_one_name_per_tensor,
     checksum_matches,
     config_checksum,
+    header_json,
     lora_module,
     magnitude_module,
     model_key,
@@ -146,10 +147,6 @@ class AdapterFiles:
     def written_by_us(self) -> bool:
         return VERSION in self.metadata
 
-    @property
-    def trained_shapes(self) -> dict[str, list[int]]:
-        return json.loads(self.metadata.get(MODULES, "{}"))
-
     @functools.cached_property
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """Model-relative key → tensor (the file's keys without PEFT's prefix), computed once."""
@@ -234,6 +231,7 @@ def read_adapter(src: str | os.PathLike | AdapterFiles, *, describe_only: bool =
         raise AdapterError(f"{weights_path} is missing")
     if unreadable is not None:
         raise unreadable
+    check_one_name_per_tensor(weights_path, tensors)
     files = AdapterFiles(folder, config, peft_config, tensors, metadata)
     _check_integrity(files)
     return files
@@ -244,12 +242,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise AdapterError(f"{config_path} is missing: {folder} is not an adapter folder (PEFT's format needs "
                            f"{CONFIG_NAME} beside {WEIGHTS_NAME})")
-    size = config_path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{config_path} is {size:,} bytes; a LoRA config is a few hundred (at most "
-                           f"{MAX_CONFIG_BYTES:,} are read)")
+    with open(config_path, "rb") as f:  # at most the cap, whatever stat says (a pipe, /proc, a file swapped in)
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{config_path} is over {MAX_CONFIG_BYTES:,} bytes; a LoRA config is a few hundred")
     try:
-        peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+        peft_config = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{config_path} is not valid JSON for a LoRA config: {e}") from None
     except RecursionError:
@@ -345,6 +343,7 @@ def _config_overrides(peft_config: dict[str, Any], metadata: dict[str, str]) -> 
     try:
         quant = recorded_quantization(metadata)
         overrides["loraplus_lr_ratio"] = recorded_loraplus(metadata)
+        header_json(metadata, TRAINING)  # read when pushing: checked here, with the rest of the header
     except ValueError as e:
         raise AdapterError(f"header entry {e}: the adapter's metadata is damaged") from None
     overrides.update(quant or {})

@@ -226,6 +226,14 @@ def _break(case: str, folder: Path, tmp_path: Path, other_base: str) -> Path:
         (folder / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["q_proj"]}))
         _rewrite(folder, add={f"base_model.model.model.layers.{i}.self_attn.q_proj.weight": torch.ones(128, 128)
                               for i in range(2)})
+    elif case == "two_names_for_a_tensor":  # PEFT's `default` adapter name is optional: a second copy of v's A
+        _rewrite(folder, add={"base_model.model.model.layers.0.self_attn.v_proj.lora_A.default.weight":
+                              torch.ones(1, 128)})
+    elif case in ("nested_quantization", "nested_training"):  # a header entry nested past Python's recursion limit
+        _rewrite(folder, metadata_add={f"hf_lowrank.{case.split('_')[1]}": "[" * 100_000 + "]" * 100_000})
+    elif case == "endless_config":  # a regular file whose size stat reports as 0 and whose content never ends
+        (folder / "adapter_config.json").unlink()
+        (folder / "adapter_config.json").symlink_to("/proc/self/pagemap")
     elif case == "no_folder":
         return tmp_path / "does-not-exist"
     elif case == "pickle":
@@ -253,6 +261,12 @@ BAD = {
     "target_and_saved": "both a LoRA target and in modules_to_save|unexpected key",
     "no_folder": "does not exist",
     "pickle": "never unpickles",
+    "two_names_for_a_tensor": r"holds both 'base_model\.model\.model\.layers\.0\.self_attn\.v_proj\.lora_A\."
+                              r"(default\.)?weight' and '[^']+', two names for the parameter "
+                              r"'model\.layers\.0\.self_attn\.v_proj\.lora_A\.weight'",
+    "nested_quantization": "hf_lowrank.quantization is nested too deeply",
+    "nested_training": "hf_lowrank.training is nested too deeply",
+    "endless_config": "adapter_config.json is over 1,048,576 bytes",
 }
 
 
@@ -407,3 +421,28 @@ def test_adapter_modules_never_import_peft():
     code = ("import sys, hf_lowrank, hf_lowrank.state, hf_lowrank.export, hf_lowrank.card; "
             "assert 'peft' not in sys.modules, 'peft was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_base_the_adapter_names_is_never_unpickled(tiny_llama, tmp_path):
+    """`load` reads the base an adapter's config names (a stranger's choice, for a Hub adapter) from safetensors only:
+    a base holding only pytorch_model.bin (transformers would torch.load it) is refused, naming it and the fix; the
+    same base passed explicitly as base= loads (the user's choice), and the adapter reproduces the trained model."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled-base"
+    pickled.mkdir()
+    shutil.copy(Path(tiny_llama) / "config.json", pickled / "config.json")
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict(), pickled / "pytorch_model.bin")
+    model = adapted(str(pickled), cfg())
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(pickled)
+    with pytest.raises(AdapterError, match=rf"the base model '{pickled}' recorded in .*adapter_config.json has no "
+                                           r"safetensors weights .*does not unpickle a base an adapter names: pass "
+                                           r"base="):
+        hf_lowrank.load(AutoModelForCausalLM, tmp_path / "adapter")
+    loaded = hf_lowrank.load(AutoModelForCausalLM, tmp_path / "adapter", base=str(pickled))
+    x = tokens(2, 12)
+    torch.testing.assert_close(logits(loaded.eval(), x), logits(model.eval(), x), rtol=0, atol=1e-5)
