@@ -65,6 +65,19 @@ def model_key(file_key: str) -> str:
     return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
+def linked_outside(folder, path) -> str | None:
+    """Where `path` links to when it is a symlink out of `folder` (None otherwise). A Hub cache snapshot's links to
+    its repo's `blobs` are inside: that is how huggingface_hub stores every file it downloads."""
+    if not os.path.islink(path):
+        return None
+    real, target = os.path.realpath(folder), os.path.realpath(path)
+    repo = os.path.dirname(os.path.dirname(real))  # <cache>/models--org--name for <repo>/snapshots/<revision>
+    if os.path.dirname(target) == real or (os.path.basename(os.path.dirname(real)) == "snapshots"
+                                           and os.path.dirname(target) == os.path.join(repo, "blobs")):
+        return None
+    return os.readlink(path)
+
+
 def check_one_name_per_tensor(weights_path, tensors: dict) -> None:
     """PEFT's prefix and its `default` adapter name are optional in file keys: two keys that name one parameter
     (`x.lora_A.weight` and `base_model.model.x.lora_A.default.weight`) are refused, not loaded one over the other."""
@@ -160,8 +173,11 @@ def peft_config_dict(model: nn.Module, found: AdapterModules | None = None,
         targets = sorted({name.rsplit(".", 1)[-1] for name, _ in found.layers})
     hf_config = getattr(model, "config", None)
     conv = any(is_conv1d(layer.base_layer) for _, layer in found.layers)
+    base = base_model or getattr(hf_config, "_name_or_path", None) or None
+    if base and os.path.isdir(base):  # a local folder, absolute: loadable from anywhere, never taken for a Hub id
+        base = os.path.abspath(base)
     return cfg.to_peft_dict(task_type=task_type(model),
-                            base_model_name_or_path=base_model or getattr(hf_config, "_name_or_path", None) or None,
+                            base_model_name_or_path=base,
                             revision=getattr(hf_config, "_commit_hash", None) or None, fan_in_fan_out=conv,
                             target_modules=targets)
 

@@ -276,10 +276,10 @@ def portable(files: AdapterFiles) -> tuple[dict[str, torch.Tensor], dict[str, An
     """
     scalings = files.scalings()
     r_max = max(r for r, _ in scalings.values())
-    tensors = dict(files.tensors)
+    tensors = {PREFIX + k: t for k, t in files.model_tensors.items()}  # PEFT's keys, whichever form the file used
     for module, (r, s) in scalings.items():
         ka, kb = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
-        a, b = files.tensors[ka], files.tensors[kb]
+        a, b = tensors[ka], tensors[kb]
         b = (b.float() * s).to(b.dtype)
         if r < r_max:
             a = torch.cat([a, a.new_zeros(r_max - r, a.shape[1])], dim=0)  # (r_max, in)

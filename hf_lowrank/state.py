@@ -42,6 +42,7 @@ from .format import (
     checksum_matches,
     config_checksum,
     header_json,
+    linked_outside,
     lora_module,
     magnitude_module,
     model_key,
@@ -209,6 +210,9 @@ def read_adapter(src: str | os.PathLike | AdapterFiles, *, describe_only: bool =
         raise AdapterError(f"adapter folder {folder} {what}; an adapter is a folder with {WEIGHTS_NAME} and "
                            f"{CONFIG_NAME}")
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if (link := linked_outside(folder, path)) is not None:
+            raise AdapterError(f"{path} is a symlink to {link!r}, outside {folder}: an adapter is read from its folder")
     peft_config = _read_config(folder)
     metadata: dict[str, str] = {}
     tensors: dict[str, torch.Tensor] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -304,6 +305,26 @@ def test_export_peft_is_the_portable_copy(tiny_llama, tmp_path, capsys):
     assert p.peft_config == q.peft_config and (p.config.r, p.config.lora_alpha, p.config.use_rslora) == (4, 4, False)
     assert all(torch.equal(p.tensors[k], t) for k, t in q.tensors.items())
     assert verdicts(p)["llama.cpp"].status == ACCEPTED  # what a single-alpha reader computes right
+
+
+def test_export_peft_reads_default_named_keys(tiny_llama, tmp_path, capsys):
+    """A file whose keys carry PEFT's `default` adapter name (`…lora_A.default.weight`, which loading accepts)
+    exports too, to PEFT's plain keys, with the same tensors as the plainly keyed file's export."""
+    from safetensors.torch import load_file, save_file
+
+    save_adapter(adapted(tiny_llama, alpha_pattern={"v_proj": 32}), tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "d")
+    plain = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): t
+             for k, t in plain.items()}
+    assert named.keys() != plain.keys()
+    save_file(named, str(tmp_path / "d" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for src in ("a", "d"):
+        assert export_main([str(tmp_path / src), "--target", "peft", "--output", str(tmp_path / f"{src}-p")]) == 0
+    capsys.readouterr()
+    got, want = read_adapter(tmp_path / "d-p").tensors, read_adapter(tmp_path / "a-p").tensors
+    assert got.keys() == want.keys() == plain.keys()
+    assert all(torch.equal(got[k], t) for k, t in want.items())
 
 
 def test_rope_rows_pair_the_rotary_halves():

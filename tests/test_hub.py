@@ -131,6 +131,7 @@ def test_push_pull_load_same_outputs(online, nf4_adapter, tmp_path):
 
     path = pull_adapter("alice/qlora-tiny")
     assert sorted(os.listdir(path)) == sorted(ADAPTER)
+    assert all((path / f).is_symlink() for f in ADAPTER), "the Hub cache's layout: links into the repo's blobs"
     local = json.loads((folder / "adapter_config.json").read_text())
     assert local["base_model_name_or_path"] == online.tiny_base  # a local path: never published
     assert json.loads((path / "adapter_config.json").read_text()) == {**local, "base_model_name_or_path": None}
@@ -142,6 +143,26 @@ def test_push_pull_load_same_outputs(online, nf4_adapter, tmp_path):
     assert (trained - base_out).abs().max() > 1e-3, "the adapter must change the output"
     torch.testing.assert_close(logits(model), trained, rtol=0, atol=1e-5)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules()), "load() rebuilds the NF4 base"
+
+
+def test_a_base_loaded_from_a_relative_path_is_never_published(online, tiny_llama, tmp_path, monkeypatch):
+    """A base loaded as "checkpoints/tiny" (a relative folder, which reads like a Hub id "org/name") is recorded as
+    the absolute folder, so a push from another working directory publishes no base and no path."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_llama, tmp_path / "checkpoints" / "tiny")
+    model = adapted("checkpoints/tiny")
+    save_adapter(model, tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tmp_path / "checkpoints" / "tiny")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    push_adapter(tmp_path / "adapter", "alice/relative-base")
+    pushed = online.files("alice/relative-base")
+    assert json.loads(pushed["adapter_config.json"])["base_model_name_or_path"] is None
+    assert not any(b"checkpoints/tiny" in b for b in pushed.values())
 
 
 def hub_files(hub: HubServer, repo_id: str, revision: str = "main") -> set[str]:
