@@ -6,6 +6,7 @@ The LoRA fields mean what PEFT's `LoraConfig` fields of the same name mean, so a
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ class LowRankConfig:
         if isinstance(self.exclude_modules, tuple | set):
             self.exclude_modules = sorted(self.exclude_modules, key=str)
         self._check_names("exclude_modules", self.exclude_modules, allow_none=True)
+        if isinstance(self.modules_to_save, collections.abc.Set):
+            self.modules_to_save = sorted(self.modules_to_save, key=str)
+        self.use_rslora, self.use_dora = _flag(self.use_rslora), _flag(self.use_dora)
         if self.modules_to_save is not None:
             if not isinstance(self.modules_to_save, list | tuple) or \
                     not all(isinstance(m, str) for m in self.modules_to_save):
@@ -255,6 +259,12 @@ class LowRankConfig:
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"LowRankConfig.{name}={_shown(value)} is not valid: expected {allowed}.")
+
+
+def _flag(value: Any) -> Any:
+    """True / False for a bool or 0 / 1 (earlier saves wrote `"use_rslora": 1`); anything else as it is, to be
+    refused by the caller (a string such as "false" is not False)."""
+    return bool(value) if not isinstance(value, str) and value in (0, 1) else value
 
 
 def _given(d: dict[str, Any], key: str, default: Any) -> Any:

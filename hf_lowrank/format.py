@@ -71,11 +71,10 @@ def linked_outside(folder, path) -> str | None:
     if not os.path.islink(path):
         return None
     real, target = os.path.realpath(folder), os.path.realpath(path)
-    repo = os.path.dirname(os.path.dirname(real))  # <cache>/models--org--name for <repo>/snapshots/<revision>
-    if os.path.dirname(target) == real or (os.path.basename(os.path.dirname(real)) == "snapshots"
-                                           and os.path.dirname(target) == os.path.join(repo, "blobs")):
-        return None
-    return os.readlink(path)
+    parts = real.split(os.sep)
+    at = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts[:-1] else None
+    blobs = os.sep.join([*parts[:at], "blobs"]) if at else None  # <repo>/blobs for <repo>/snapshots/<revision>/…
+    return None if os.path.dirname(target) in (real, blobs) else os.readlink(path)
 
 
 def check_one_name_per_tensor(weights_path, tensors: dict) -> None:
@@ -174,8 +173,8 @@ def peft_config_dict(model: nn.Module, found: AdapterModules | None = None,
     hf_config = getattr(model, "config", None)
     conv = any(is_conv1d(layer.base_layer) for _, layer in found.layers)
     base = base_model or getattr(hf_config, "_name_or_path", None) or None
-    if base and os.path.isdir(base):  # a local folder, absolute: loadable from anywhere, never taken for a Hub id
-        base = os.path.abspath(base)
+    if base and os.path.isfile(os.path.join(base, "config.json")):  # a local model folder, made absolute: loadable
+        base = os.path.abspath(base)  # from anywhere, never taken for a Hub id (an output dir named so is not one)
     return cfg.to_peft_dict(task_type=task_type(model),
                             base_model_name_or_path=base,
                             revision=getattr(hf_config, "_commit_hash", None) or None, fan_in_fan_out=conv,

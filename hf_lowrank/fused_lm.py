@@ -60,6 +60,7 @@ import logging
 import types
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -239,7 +240,8 @@ class _State:
 def _description(model: nn.Module, state: _State) -> str:
     base, _ = _head_parts(output_head(model))
     chunk = state.chunk_size or auto_chunk_size(base.weight.shape[0], base.weight.device)
-    how = "backward recomputes the logits" if state.recompute else "gradients in the forward"
+    recompute = state.recompute or base.weight.dtype == torch.float16  # as `linear_cross_entropy` decides for fp16
+    how = "backward recomputes the logits" if recompute else "gradients in the forward"
     return f"fused linear+cross-entropy (chunks of {chunk} tokens, {how}; no logits in training forwards)"
 
 

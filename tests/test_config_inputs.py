@@ -66,11 +66,11 @@ def refused(model, folder: Path, message: str) -> None:
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-# ---- 1. use_rslora / use_dora are JSON booleans --------------------------------------------------------------------
+# ---- 1. use_rslora / use_dora are JSON booleans (or 0 / 1) -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("field", "value"), [("use_rslora", "false"), ("use_rslora", 0), ("use_dora", "true"),
-                                              ("use_dora", 1)])
+@pytest.mark.parametrize(("field", "value"), [("use_rslora", "false"), ("use_rslora", 2), ("use_dora", "true"),
+                                              ("use_dora", "1")])
 def test_flags_must_be_json_booleans(tiny_llama, adapter, tmp_path, field, value):
     refused(plain_model(tiny_llama), edited(adapter, tmp_path, {field: value}),
             f"LowRankConfig.{field}={value!r} is not valid: expected True or False.")
@@ -179,3 +179,13 @@ def test_a_key_at_the_length_limit_loads_and_one_over_is_refused(tiny_llama, ada
     refused(plain_model(tiny_llama), edited(adapter, tmp_path / "over", {"rank_pattern": {key + "x": 2}}),
             f"LowRankConfig.rank_pattern is not valid: pattern {key[:40]!r}... is 2,001 characters long; at most "
             "2,000 are accepted.")
+
+
+def test_flags_saved_as_0_or_1_and_name_sets_are_accepted():
+    """Earlier saves wrote `"use_rslora": 1` (a config built with use_rslora=1): 0 and 1 read as the flags they
+    meant; a set of names (built in code) becomes a sorted list. A string flag is still refused."""
+    cfg = LowRankConfig.from_peft_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": 1, "use_dora": 0})
+    assert cfg.use_rslora is True and cfg.use_dora is False
+    assert LowRankConfig(modules_to_save={"score", "classifier"}).modules_to_save == ["classifier", "score"]
+    with pytest.raises(ValueError, match="use_rslora='false'"):
+        LowRankConfig.from_peft_dict({"peft_type": "LORA", "use_rslora": "false"})

@@ -366,6 +366,11 @@ def test_fp16_gradients_under_a_loss_scale():
         for got, want in zip(grads, ref, strict=True):
             assert got.dtype == torch.float16 and torch.isfinite(got).all()
             assert rel(got, want) <= 1e-2, rel(got, want)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fp16_model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=128)).half()
+    assert "backward recomputes the logits" in enable_fused_loss(fp16_model)  # the summary line says so
 
 
 def test_mixtral_router_loss_takes_the_stock_path():

@@ -453,3 +453,40 @@ def test_a_base_the_adapter_names_is_never_unpickled(tiny_llama, tmp_path):
     loaded = hf_lowrank.load(AutoModelForCausalLM, tmp_path / "adapter", base=str(pickled))
     x = tokens(2, 12)
     torch.testing.assert_close(logits(loaded.eval(), x), logits(model.eval(), x), rtol=0, atol=1e-5)
+
+
+def test_links_into_a_hub_cache_repos_blobs_are_read_others_refused(tiny_llama, tmp_path):
+    """huggingface_hub stores a download as links from snapshots/<revision>/… into the repo's blobs, also for an
+    adapter in a subfolder (a pushed `last-checkpoint`): those are read; a link from such a folder to anywhere
+    else is refused."""
+    save_adapter(adapted(tiny_llama, cfg()), tmp_path / "saved")
+    repo = tmp_path / "hub" / "models--alice--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    for where in ("", "last-checkpoint"):
+        folder = repo / "snapshots" / "0123abcd" / where
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            blob = repo / "blobs" / f"{where or 'root'}-{name}"
+            blob.write_bytes((tmp_path / "saved" / name).read_bytes())
+            (folder / name).symlink_to(os.path.relpath(blob, folder))
+        files = read_adapter(folder)
+        assert files.tensors.keys() == read_adapter(tmp_path / "saved").tensors.keys()
+    outside = repo / "snapshots" / "0123abcd" / "adapter_model.safetensors"
+    outside.unlink()
+    outside.symlink_to(tmp_path / "saved" / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="adapter_model.safetensors is a symlink to .*, outside"):
+        read_adapter(outside.parent)
+
+
+def test_a_folder_named_like_the_base_but_not_a_model_keeps_the_hub_id(tiny_llama, tmp_path, monkeypatch):
+    """A base loaded from the Hub as "org/name" is recorded as that id even where the working directory holds a
+    folder of that name that is not a model (an output folder named after the base)."""
+    from hf_lowrank.format import peft_config_dict
+
+    model = adapted(tiny_llama, cfg())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    model.config._name_or_path = "org/name"
+    assert peft_config_dict(model)["base_model_name_or_path"] == "org/name"
+    (tmp_path / "org" / "name" / "config.json").write_text("{}")  # now a model folder here: recorded absolute
+    assert peft_config_dict(model)["base_model_name_or_path"] == str(tmp_path / "org" / "name")
