@@ -324,6 +324,39 @@ def test_models_that_change_the_head_input_or_logits_in_place_keep_the_stock_pat
     assert isinstance(chameleon, str) and "changes the logits in place" in chameleon and "image_tokens" in chameleon
 
 
+class _ScalesHiddenInPlace:
+    """A forward of the stock shape that scales the hidden states in place before the head."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        hidden_states.mul_(0.5)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size)
+        return loss, logits
+
+
+def test_an_in_place_change_of_the_head_input_keeps_the_stock_path():
+    from hf_lowrank.lm_forward import Plan, forward_plan
+
+    reason = forward_plan(_ScalesHiddenInPlace, "model", "lm_head")
+    assert isinstance(reason, str) and "changes the hidden states before the head: `hidden_states.mul_(0.5)`" in reason
+    assert isinstance(forward_plan(_KeepsHidden, "model", "lm_head"), Plan)  # the same forward without it
+
+
+class _KeepsHidden:
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size)
+        return loss, logits
+
+
 def test_a_dora_head_keeps_the_stock_path(tiny_llama):
     """DoRA on the head scales its output by m/‖W0 + s·B·A‖, which the chunked matmul does not: refused."""
     model = _load(tiny_llama, target_modules=["q_proj", "lm_head"], use_dora=True)

@@ -231,6 +231,8 @@ def _break(case: str, folder: Path, tmp_path: Path, other_base: str) -> Path:
                               torch.ones(1, 128)})
     elif case in ("nested_quantization", "nested_training"):  # a header entry nested past Python's recursion limit
         _rewrite(folder, metadata_add={f"hf_lowrank.{case.split('_')[1]}": "[" * 100_000 + "]" * 100_000})
+    elif case == "training_not_json":
+        _rewrite(folder, metadata_add={"hf_lowrank.training": "{not json"})
     elif case == "endless_config":  # a link to a file whose size stat reports as 0 and whose content never ends
         (folder / "adapter_config.json").unlink()
         (folder / "adapter_config.json").symlink_to("/proc/self/pagemap")
@@ -271,6 +273,7 @@ BAD = {
                               r"'model\.layers\.0\.self_attn\.v_proj\.lora_A\.weight'",
     "nested_quantization": "hf_lowrank.quantization is nested too deeply",
     "nested_training": "hf_lowrank.training is nested too deeply",
+    "training_not_json": r"hf_lowrank.training is not valid JSON \(Expecting property name",
     "endless_config": r"adapter_config.json is a symlink to '/proc/self/pagemap', outside .*: an adapter is read from "
                       "its folder",
     "config_linked_out": r"adapter_config.json is a symlink to '.*elsewhere.json', outside",
