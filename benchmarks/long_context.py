@@ -27,6 +27,7 @@ Two more cells repeat the issue's floor reference (4 × 512, vocabulary 2,048, b
     python benchmarks/long_context.py --vocabs 128256 --seqs 4096 --steps 2
     python benchmarks/long_context.py --profile 512:2048:4   # where ours spends its time against the floor
     python benchmarks/long_context.py --floor-only --vocabs '' --seqs '' --steps 8   # only ours/floor, per round
+    python benchmarks/long_context.py --floor-only --vocabs '' --seqs '' --products both   # + rank-r products in bf16
     python benchmarks/long_context.py --quick         # tiny shapes, seconds: checks the script, measures nothing
 """
 
@@ -112,6 +113,19 @@ def _step(model, opt, ids) -> float:
     return loss.item()
 
 
+def _in_activations_dtype(fn, *args):
+    """`fn(*args)` with `lora_ops` told this CPU multiplies bf16 natively: the rank-r products in the activations'
+    dtype, what the library does where oneDNN has bf16 (AVX-512 and newer; elsewhere it computes them in fp32)."""
+    from hf_lowrank import lora_ops
+
+    probe = lora_ops.native_half_matmul
+    lora_ops.native_half_matmul = lambda dtype: True
+    try:
+        return fn(*args)
+    finally:
+        lora_ops.native_half_matmul = probe
+
+
 def _floor_step(model, ids) -> float:
     import hf_lowrank
 
@@ -171,6 +185,8 @@ def timing_worker(args) -> dict:
     ids = _ids(ours.config.vocab_size, args.batch, args.seq)
     run = {name: (lambda m=m, o=opts[name]: _step(m, o, ids)) for name, m in models.items()}
     run["floor"] = lambda: _floor_step(ours, ids)
+    if args.products == "both":  # the same model, its rank-r products forced into the activations' dtype
+        run["act"] = lambda: _in_activations_dtype(_step, ours, opts["ours"], ids)
     sides = list(run)
     times = {s: [] for s in sides}
     losses = {s: [] for s in sides}
@@ -187,6 +203,9 @@ def timing_worker(args) -> dict:
         out[f"{side}_loss"] = losses[side][0]
     # ratios of the steps of one round, then their median: steadier than a ratio of medians on a shared machine
     out["ours_floor_ratio"] = statistics.median(o / f for o, f in zip(times["ours"], times["floor"], strict=True))
+    if "act" in times:
+        out["ours_act_ratios"] = [o / a for o, a in zip(times["ours"], times["act"], strict=True)]
+        out["ours_act_ratio"] = statistics.median(out["ours_act_ratios"])
     if "peft" in times:
         out["ours_peft_ratio"] = statistics.median(o / q for o, q in zip(times["ours"], times["peft"], strict=True))
     out["ours_floor_ratios"] = [o / f for o, f in zip(times["ours"], times["floor"], strict=True)]
@@ -245,7 +264,8 @@ def profile_worker(args) -> dict:
 def run_worker(kind: str, side: str, model: str, seq: int, batch: int, args, retain: bool | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--side", side, "--model", model, "--seq", str(seq),
            "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
-           str(args.threads), "--dropout", str(args.dropout)] + (["--floor-only"] if args.floor_only else [])
+           str(args.threads), "--dropout", str(args.dropout), "--products", args.products] + \
+        (["--floor-only"] if args.floor_only else [])
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
     if retain is None:
@@ -343,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", choices=["system", "retain"], default="system",
                    help="glibc as the process finds it, or RETAIN_FREED in the timing and profile workers' "
                         "environment (peak RSS is always measured under the system's)")
+    p.add_argument("--products", choices=["auto", "both"], default="auto",
+                   help="with --floor-only, 'both' adds ours with the rank-r products forced into the activations' "
+                        "dtype (bf16), alternating with the library's choice (fp32 on a CPU without native bf16)")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--worker", choices=["memory", "timing", "profile"], help=argparse.SUPPRESS)
     p.add_argument("--side", help=argparse.SUPPRESS)
@@ -350,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.products == "both" and not (args.floor_only or args.worker):
+        p.error("--products both is a column of the --floor-only table: add --floor-only")
 
     if args.worker:
         set_dropout(args.dropout)
@@ -383,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor_only:
         print(f"Ours against the floor, Llama {blocks}×{hidden}, r=16 all-linear, dropout {args.dropout}, "
               f"{args.threads} thread(s), malloc {args.malloc}, {args.steps} round(s) after {args.warmup} warm-up\n\n"
-              "| vocab | batch × seq | step ours | floor step | ours/floor (median) | per round | loss ours |\n"
-              "|---:|---|---:|---:|---:|---|---:|", flush=True)
+              "| vocab | batch × seq | step ours | floor step | ours/floor (median) | per round | loss ours |"
+              + (" ours, bf16 products | ours/that | per round |" if args.products == "both" else "") + "\n"
+              "|---:|---|---:|---:|---:|---|---:|" + ("---:|---:|---|" if args.products == "both" else ""),
+              flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for vocab, batch, seq in plan:
@@ -397,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {_vocab_name(vocab)} | {batch} × {seq} | {_fmt_s(t['ours_step_s'])} | "
                       f"{_fmt_s(t['floor_step_s'])} | {t['ours_floor_ratio']:.2f} "
                       f"{_ok(t['ours_floor_ratio'], TARGETS['floor'])} | "
-                      + " ".join(f"{r:.2f}" for r in t["ours_floor_ratios"]) + f" | {t['ours_loss']:.4f} |",
+                      + " ".join(f"{r:.2f}" for r in t["ours_floor_ratios"]) + f" | {t['ours_loss']:.4f} |"
+                      + (f" {_fmt_s(t['act_step_s'])} | {t['ours_act_ratio']:.2f} | "
+                         + " ".join(f"{r:.2f}" for r in t["ours_act_ratios"]) + " |" if "ours_act_ratio" in t else ""),
                       flush=True)
                 continue
             ours = run_worker("memory", "ours", paths[vocab], seq, batch, args)

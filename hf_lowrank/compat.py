@@ -22,11 +22,18 @@ in one named place. Each entry says what it touches, why no public API does, and
                         (`retain_graph`), so that `lora_linear` frees the tensors it packed itself as autograd frees
                         saved ones. Missing: True (kept until the graph goes). Test: tests/test_lora_ops.py (packed
                         tensors freed by the backward; a second backward refused).
+- `native_half_matmul`  torch's `torch.ops.mkldnn._is_mkldnn_bf16_supported` / `_fp16_`: whether oneDNN multiplies
+                        bf16 / fp16 matrices on this CPU (the check torch itself makes before sending a bf16 matmul
+                        to oneDNN: AVX-512 core or newer on x86, for fp16 avx512_fp16 or AMX). Without it torch's
+                        fallback kernel runs them 30–60× slower than fp32 (an AVX2-only EPYC: 1.8 against 66
+                        GFLOP/s), so `lora_ops` computes the rank-r products in fp32 there. Missing: True (the
+                        activations' dtype, as before). Test: tests/test_lora_ops.py (both choices: the formula).
 - `shield_cpu_repack`   a bitsandbytes bug (below), version-gated.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -75,6 +82,17 @@ def graph_kept() -> bool:
     try:
         return torch._C._autograd._get_current_graph_task_keep_graph()
     except AttributeError:
+        return True
+
+
+@functools.cache
+def native_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bf16 or fp16) matrices natively through oneDNN (True for other dtypes,
+    and when this torch cannot tell)."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return probe is None or (torch.backends.mkldnn.is_available() and bool(getattr(torch.ops.mkldnn, probe)()))
+    except (AttributeError, RuntimeError):
         return True
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from .compat import shield_cpu_repack
 from .lora_ops import add_low_rank_, dropped_linear, lora_linear, zeroed
+from .lora_ops import cast as _cast
 
 #: the adapter's parameter names inside a LoRA layer, as PEFT's files key them (`<module>.lora_A.weight`).
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
@@ -43,8 +44,7 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 
 
 class LoraA(nn.Linear):
-    """A (r×in), bias-free: x·Aᵀ computed in x's dtype (the small weight is cast, never the input), with the flat
-    positions `drop` of x zeroed (dropout) when given."""
+    """A (r×in), bias-free: x·Aᵀ in x's dtype (the weight is cast, not x), x's flat positions `drop` zeroed if given."""
 
     def forward(self, x: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         weight = _cast(self.weight, x.dtype)
@@ -62,8 +62,9 @@ class LoraLinear(nn.Module):
     """x ↦ W0·x + s·B·A·dropout(x), with s = α/r (α/√r for rsLoRA).
 
     The adapter branch computes in the activations' dtype (bf16 under QLoRA), as `torch.autocast` would: A and B
-    are cast to it, the input never is (no copy of x is made or kept for backward). A and B, their gradients and
-    the optimizer state stay in `dtype` (fp32 by default), so updates are exact.
+    are cast to it; x is copied only for dropout (and upcast where the CPU lacks native bf16 matmuls: the one-node
+    training path computes there in fp32, `lora_ops.math_dtype`). A and B, their gradients and the optimizer
+    state stay in `dtype` (fp32 by default), so updates are exact.
 
     Training over a frozen base (the QLoRA case) runs as one autograd node (`lora_ops.lora_linear`); with DoRA, a
     trainable base, or hooks on these modules (DeepSpeed ZeRO-3 gathers A and B in `lora_A`'s and `lora_B`'s
@@ -389,11 +390,6 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
 
 
 # ---- what kind of linear layer a module is --------------------------------------------------------------------------
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t` in `dtype`; the tensor itself (no copy) when it already is."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def is_conv1d(module: nn.Module) -> bool:

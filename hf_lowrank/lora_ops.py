@@ -25,6 +25,9 @@ runs, so that in a block under non-reentrant gradient checkpointing the recomput
 matmul (down_proj), as it does for the frozen model: checkpointing counts packed tensors, and bitsandbytes' 4-bit
 matmul packs none. It frees what it packed when its backward runs (unless the graph is retained), as autograd does.
 
+The products of `lora_linear` run in x's dtype, or in fp32 where this CPU has no native bf16 / fp16 matmul
+(`math_dtype`): there torch's fallback kernel made each rank-16 product of a 512-token step cost 1–30 ms.
+
 The backwards are first-order: one with `create_graph=True` (grad mode on in the backward) raises.
 """
 
@@ -34,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from .compat import graph_kept, saved_tensors_hooks
+from .compat import graph_kept, native_half_matmul, saved_tensors_hooks
 
 
 class _DroppedLinear(torch.autograd.Function):
@@ -85,17 +88,22 @@ class _AddLowRank(torch.autograd.Function):
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, base, dense, scaling, drop):
-        wa, wb = weight_a.to(x.dtype), weight_b.to(x.dtype)  # (r, in), (out, r), in the activations' dtype
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        md = math_dtype(x)  # the rank-r products' dtype: x's, or fp32 (see `math_dtype`)
+        wa, wb = weight_a.to(md), weight_b.to(md)  # (r, in), (out, r)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in), kept in x's dtype
         if drop is not None:
             x2 = zeroed(x2, drop)  # one copy
-        a = x2 @ wa.T  # (N, in) -> (N, r)
+        a = cast(x2, md) @ wa.T  # (N, in) -> (N, r)
         _save_now(ctx, x2, a, wa, wb, drop)  # before the base: see the module docstring
         out = base(x)  # (…, in) -> (…, out); no graph (grad mode is off in here)
         ctx.dense = dense(base)  # the weight the base used (bitsandbytes may re-wrap it in its forward)
         if not out.is_contiguous():
             out = out.contiguous()
-        out.view(-1, out.shape[-1]).addmm_(a, wb.T, alpha=scaling)  # (N, out) += s·(N, r)·(r, out)
+        out2 = out.view(-1, out.shape[-1])  # (N, out)
+        if md == out.dtype:
+            out2.addmm_(a, wb.T, alpha=scaling)  # += s·(N, r)·(r, out)
+        else:  # the sum in fp32, rounded once
+            out2.copy_(out2.to(md).addmm_(a, wb.T, alpha=scaling))
         ctx.scaling, ctx.x_shape, ctx.dtypes = scaling, x.shape, (weight_a.dtype, weight_b.dtype)
         return out if out._base is None else out.detach()  # not a view: the caller may change it in place
 
@@ -103,24 +111,42 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad):
         _first_order()
         x2, a, wa, wb, drop = _saved(ctx)
+        md = a.dtype  # the products' dtype
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gm = cast(g2, md)
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_a = grad_b = None
         if need_b:
-            grad_b = (g2.T @ a).mul_(ctx.scaling).to(ctx.dtypes[1])  # (out, N)·(N, r)
+            grad_b = (gm.T @ a).mul_(ctx.scaling).to(ctx.dtypes[1])  # (out, N)·(N, r)
         if need_x or need_a:
-            ga = (g2 @ wb).mul_(ctx.scaling)  # (N, out)·(out, r) -> (N, r)
+            ga = (gm @ wb).mul_(ctx.scaling)  # (N, out)·(out, r) -> (N, r)
             if need_a:
-                grad_a = (ga.T @ x2).to(ctx.dtypes[0])  # (r, N)·(N, in)
+                grad_a = (ga.T @ cast(x2, md)).to(ctx.dtypes[0])  # (r, N)·(N, in)
             if need_x:
                 grad_x = ga @ wa  # (N, r)·(r, in): the adapter's part of ∂x, a fresh tensor
                 if drop is not None:
                     grad_x.view(-1).index_fill_(0, drop, 0)
+                grad_x = cast(grad_x, grad.dtype)
                 grad_x.addmm_(g2, ctx.dense(grad.dtype))  # += the base's: (N, out)·(out, in)
                 grad_x = grad_x.view(ctx.x_shape)
         if not graph_kept():  # freed as autograd frees what save_for_backward saved
             ctx.packed = ctx.dense = None
         return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def math_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of `lora_linear`'s rank-r products for input x: x's own, except bf16 / fp16 on a CPU that has no
+    native matmul for it (`compat.native_half_matmul`), where they run in fp32: x (saved in its own dtype) and the
+    incoming gradient are upcast where used, A and B are used in fp32 (upcast if stored in 16 bits), and the
+    adapter's part is added to the base's output in fp32 and rounded once."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and not native_half_matmul(x.dtype):
+        return torch.float32
+    return x.dtype
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`; the tensor itself (no copy) when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _first_order() -> None:
@@ -162,7 +188,7 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Module,
 
     `base` must be frozen and return x's dtype; `dense(base)`, called after the base's forward, returns a function
     of a dtype giving the base's weight as a dense (out, in) tensor for ∂x (called in the backward). A and B may be
-    stored in another dtype than x (they are cast to it; their gradients come back in their own dtype).
+    stored in another dtype than x (they are cast to `math_dtype(x)`; their gradients come back in their own dtype).
     """
     return _LoraLinear.apply(x, weight_a, weight_b, base, dense, scaling, drop)
 

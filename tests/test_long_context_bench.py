@@ -36,3 +36,15 @@ def test_gpu_long_context_cpu_tiny():
     rows = [line for line in out.splitlines() if line.startswith("| 512 | ")]
     assert len(rows) == 2 + 1, out  # 2 sequence lengths, + the growth row
     assert all("OOM" not in r and "–" not in r for r in rows), out
+
+
+def test_floor_only_with_both_products_prints_the_extra_columns():
+    """`--products both`: ours with the library's choice of the rank-r products' dtype, the same model with them
+    forced into bf16, and the floor, alternating; a row per cell with the two ratios and their rounds."""
+    out = _run("benchmarks/long_context.py", "--quick", "--floor-only", "--products", "both")
+    assert "| ours, bf16 products | ours/that | per round |" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 512 | 1 × ")]
+    assert [r[1].strip() for r in rows] == ["1 × 32", "1 × 64"]
+    for r in rows:
+        assert len(r) == 10 and all(c.strip() for c in r), r
+        assert "≤ 1.15" in r[4] and float(r[8]) > 0 and len(r[9].split()) == 1, r  # --quick: one round

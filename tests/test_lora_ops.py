@@ -87,10 +87,16 @@ def _force_per_module(layer: LoraLinear):
 @pytest.mark.parametrize("kind", ["linear-fp32", "linear-bf16", "conv1d-fp32", "nf4-bf16", "nf4-fp32"])
 @pytest.mark.parametrize("p", [0.0, 0.05])
 @pytest.mark.parametrize("mode", ["plain", "checkpoint", "hooks"])
-def test_one_node_equals_the_per_module_path(kind, p, mode):
+@pytest.mark.parametrize("native", [True, False], ids=["native-half-matmul", "no-native-half-matmul"])
+def test_one_node_equals_the_per_module_path(monkeypatch, kind, p, mode, native):
     """Output and the gradients of x, A and B equal the per-module path's: fp32 to 1e-5 of the largest entry, bf16
-    to 1e-2 (∂x sums the base's and the adapter's parts in one addmm_ instead of two roundings); A's and B's
-    gradients come back in their fp32 storage dtype. The checkpointed run equals the plain one bitwise."""
+    to 1e-2 (∂x sums the base's and the adapter's parts in one addmm_ instead of two roundings; on a CPU without
+    native bf16 matmuls the one-node products run in fp32, the per-module path's in bf16); A's and B's gradients
+    come back in their fp32 storage dtype. The checkpointed run equals the plain one bitwise. Either answer of
+    the CPU probe is tested, whichever CPU runs the test."""
+    from hf_lowrank import lora_ops
+
+    monkeypatch.setattr(lora_ops, "native_half_matmul", lambda dtype: native)
     layer = _layer(kind, p)
     dtype = _dtype(kind)
     x0 = torch.randn(3, 40, 128).to(dtype)
@@ -326,3 +332,58 @@ def test_second_order_gradients_are_refused(one_node, loss):
         handle.remove()
     (grad_a,) = torch.autograd.grad(layer(x).pow(2).sum(), layer.lora_A.weight)  # first order: fine
     assert grad_a.abs().max() > 0 and not grad_a.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["linear-bf16", "nf4-bf16"])
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("mode", ["plain", "checkpoint"])
+@pytest.mark.parametrize("p, layout", [(0.0, "contiguous"), (0.05, "contiguous"), (0.05, "transposed")])
+def test_rank_r_products_in_fp32_where_half_matmuls_are_not_native(monkeypatch, kind, native, mode, p, layout):
+    """bf16 activations: on a CPU without native bf16 matmuls the rank-r products run in fp32 (the fp32 A and B
+    as stored), so ∂A and ∂B are the fp64 formula's to 1e-4 of their largest entry; with native bf16 they are
+    products of bf16 roundings (between 1e-4 and 3e-2 off). y and ∂x, rounded once to bf16, are within 2e-2 either
+    way, and the checkpointed run equals the plain one bitwise. Also for an input whose features are not its
+    innermost dimension in memory (a transposed one, as a permute before the layer gives)."""
+    from hf_lowrank import lora_ops
+    from hf_lowrank.compat import native_half_matmul
+    from hf_lowrank.layers import drop_positions
+
+    assert native_half_matmul(torch.float32) is True and isinstance(native_half_matmul(torch.bfloat16), bool)
+    monkeypatch.setattr(lora_ops, "native_half_matmul", lambda dtype: native)
+    layer = _layer(kind, p)
+    if layout == "transposed":
+        x0 = torch.randn(1, 128, 120).to(torch.bfloat16).transpose(1, 2)  # (1, 120, 128), features strided
+        assert not x0.reshape(-1, 128).is_contiguous()
+    else:
+        x0 = torch.randn(3, 40, 128).to(torch.bfloat16)
+    G = torch.randn(*x0.shape[:-1], 192).to(torch.bfloat16)
+    assert lora_ops.math_dtype(x0) == (torch.bfloat16 if native else torch.float32)
+    assert lora_ops.math_dtype(x0.float()) == torch.float32
+    y, gx, gA, gB, name = _run(layer, x0, G, mode)
+    assert name == ONE_NODE
+    torch.manual_seed(7)  # what `_run` seeds before the forward: the same drop positions
+    keep = torch.ones(x0.numel(), dtype=torch.float64)
+    if p:
+        keep.index_fill_(0, drop_positions(x0.numel(), p), 0)
+    with torch.no_grad():
+        base_y = layer.base_layer(x0).double()
+        dense = layer.base_layer.weight if kind.startswith("linear") else \
+            __import__("bitsandbytes").functional.dequantize_4bit(layer.base_layer.weight.data,
+                                                                 layer.base_layer.weight.quant_state)
+    s = layer.scaling / (1 - p)
+    x, g = x0.double().reshape(-1, 128), G.double().reshape(-1, 192)
+    xt = x * keep.view(x.shape)
+    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    ga = s * g @ B  # (N, r)
+    ref = {"y": base_y.reshape(-1, 192) + s * (xt @ A.T) @ B.T, "x": (ga @ A) * keep.view(x.shape) + g @ dense.double(),
+           "A": ga.T @ xt, "B": s * g.T @ (xt @ A.T)}
+    for key, got in (("y", y), ("x", gx), ("A", gA), ("B", gB)):
+        err = ((got.double().reshape(ref[key].shape) - ref[key]).abs().max() / ref[key].abs().max()).item()
+        if key in "AB":
+            assert got.dtype == torch.float32
+            assert (err < 1e-4) if not native else (1e-4 < err < 3e-2), (key, err)
+        else:
+            assert got.dtype == torch.bfloat16 and err < 2e-2, (key, err)
+    if mode == "checkpoint":
+        for a, b in zip((y, gx, gA, gB), _run(layer, x0, G, "plain")[:4], strict=True):
+            assert torch.equal(a, b)
