@@ -48,3 +48,13 @@ def test_floor_only_with_both_products_prints_the_extra_columns():
     for r in rows:
         assert len(r) == 10 and all(c.strip() for c in r), r
         assert "≤ 1.15" in r[4] and float(r[8]) > 0 and len(r[9].split()) == 1, r  # --quick: one round
+
+
+def test_products_both_without_floor_only_is_refused_by_name():
+    """`--products both` is a column of the --floor-only table only: without it the script stops at once, naming
+    both flags, before building any model."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "benchmarks/long_context.py", "--products", "both"], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "--products both" in proc.stderr and "--floor-only" in proc.stderr and proc.stdout == "", proc.stderr
