@@ -24,6 +24,7 @@ from .format import (
     INDEX_FILE,
     SINGLE_FILE,
     AdapterError,
+    linked_outside,
 )
 from .layers import LORA_A, LORA_B, LORA_MAGNITUDE
 from .loading import model_class, read, resolve_base
@@ -82,6 +83,9 @@ def _shards(base: Path) -> tuple[dict | None, list[str]]:
             shards = list(dict.fromkeys(index["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise AdapterError(f"{index_path} is not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(index.get("metadata", {}), dict):
+            raise AdapterError(f"{index_path}: 'metadata' is {type(index['metadata']).__name__}, not an object; "
+                               "a safetensors index's metadata maps names to values (nothing was written)")
     elif (base / SINGLE_FILE).is_file():
         index, shards = None, [SINGLE_FILE]
     else:
@@ -166,11 +170,16 @@ def merge_to_folder(files: AdapterFiles, base: Path, output: Path, dtype: torch.
             del config.quantization_config
         config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
-        for extra in base.iterdir():  # tokenizer, generation config, chat template...
-            if extra.is_file() and not extra.is_symlink() and extra.suffix not in (".safetensors", ".bin", ".pt",
-                                                                                  ".pth", ".ckpt") and \
-                    extra.name not in ("config.json", INDEX_FILE) and not extra.name.startswith("."):
-                shutil.copy2(extra, tmp / extra.name)
+        for extra in sorted(base.iterdir()):  # tokenizer, generation config, chat template...
+            if not extra.is_file() or extra.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt") or \
+                    extra.name in ("config.json", INDEX_FILE) or extra.name.startswith("."):
+                continue
+            # a Hub cache snapshot links every file into its repo's blobs: copied (the content, not the link);
+            # a link anywhere else is not followed
+            if (target := linked_outside(base, extra)) is not None:
+                log(f"  skipped {extra.name}: a symlink out of {base} (to {target!r})")
+                continue
+            shutil.copy2(extra, tmp / extra.name)
 
     try:
         return replace_folder(output, fill, overwrite=overwrite)

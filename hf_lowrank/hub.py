@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,31 @@ def _card_text(files, published: dict[str, Any], metadata: dict[str, str], repo_
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """Stage `src` as it is now, never what a link points to: a hard link to the folder's entry itself, or a copy
+    through a descriptor opened without following links. An entry swapped for a symlink (or anything but a
+    regular file) after `check_regular_files` is refused here, so no link's target can be uploaded."""
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # another file system (or no hard links): copy
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # ELOOP on a link; no wait on a FIFO
+        except OSError:
+            raise _not_regular(src) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _not_regular(src) from None
+        with os.fdopen(fd, "rb") as f, open(dst, "xb") as out:
+            shutil.copyfileobj(f, out)
+    if not stat.S_ISREG(os.lstat(dst).st_mode):
+        os.unlink(dst)
+        raise _not_regular(src)
+
+
+def _not_regular(path: Path) -> HubError:
+    what = f"a symlink to {os.readlink(path)!r}" if path.is_symlink() else "not a regular file"
+    return HubError(f"refusing to push {path}: it is {what}. Only regular files inside the adapter folder are "
+                    "uploaded; copy the real file there (e.g. `hf-lowrank pull REPO --output DIR` for an adapter in "
+                    "the Hub cache).")
 
 
 def check_regular_files(folder: Path) -> None:
@@ -164,10 +186,7 @@ def check_regular_files(folder: Path) -> None:
         if not os.path.lexists(path):
             continue
         if path.is_symlink() or not path.is_file() or path.resolve().parent != real:
-            what = f"a symlink to {os.readlink(path)!r}" if path.is_symlink() else "not a regular file"
-            raise HubError(f"refusing to push {path}: it is {what}. Only regular files inside the adapter folder are "
-                           "uploaded; copy the real file there (e.g. `hf-lowrank pull REPO --output DIR` for an "
-                           "adapter in the Hub cache).")
+            raise _not_regular(path)
 
 
 _CACHE_REPO = re.compile(r"(?:^|/)models--([^/]+)/snapshots/[^/]+/?$")

@@ -107,6 +107,28 @@ def test_merge_refuses_shard_names_outside_output(tiny_llama, tmp_path, capsys, 
     assert not Path("/tmp/hf-lowrank-victim.safetensors").exists()
 
 
+@pytest.mark.parametrize(("index", "message"), [
+    ({"metadata": ["total_size", 1]}, "'metadata' is list, not an object"),
+    ({"metadata": "x"}, "'metadata' is str, not an object"),
+    ({"metadata": {}, "weight_map": ["model-00001.safetensors"]}, "is not a valid safetensors index (AttributeError"),
+    ([], "is not a valid safetensors index (TypeError"),
+])
+def test_merge_refuses_a_malformed_index(tiny_llama, tmp_path, capsys, index, message):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(base, max_shard_size="200KB")
+    good = json.loads((base / "model.safetensors.index.json").read_text())
+    bad = index if isinstance(index, list) else {**good, **index}
+    (base / "model.safetensors.index.json").write_text(json.dumps(bad))
+    save_adapter(adapted(tiny_llama), tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert merge_main([str(tmp_path / "adapter"), "--base", str(base), "--output", str(out), "--no-drift"]) == 1
+    err = capsys.readouterr().err
+    assert f"{base / 'model.safetensors.index.json'}" in err and message in err, err
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir()), "nothing written"
+
+
 # ---- 2. push uploads only regular files inside the folder -------------------------------------------------------
 
 
@@ -122,6 +144,80 @@ def test_push_refuses_symlinks_before_reading_or_sending(llama_adapter, tmp_path
     with pytest.raises(hf_lowrank.HubError, match=f"refusing to push {folder / name}: it is a symlink"):
         # an endpoint nothing listens on: the refusal comes before any request
         hf_lowrank.push_adapter(folder, "alice/x", token="hf_x", endpoint="http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_push_refuses_a_file_swapped_for_a_symlink_after_the_check(llama_adapter, tmp_path, monkeypatch, hard_links):
+    """The swap lands between the check of the folder and its staging (here: right after the adapter is read):
+    the staged entry is the link itself, never its target, and the push stops before any request."""
+    import hf_lowrank.hub as hub
+
+    _, folder = llama_adapter
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    read = hub.read_adapter
+
+    def read_then_swap(path):
+        files = read(path)
+        (folder / "README.md").unlink()
+        (folder / "README.md").symlink_to(secret)
+        return files
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub, "read_adapter", read_then_swap)
+    if not hard_links:  # staging on another file system: the copy path
+        def no_link(*a, **k):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "link", no_link)
+    staged = []
+    monkeypatch.setattr(hub.tempfile, "TemporaryDirectory",
+                        lambda **k: staged.append(tmp_path / "push-tmp") or _Kept(tmp_path / "push-tmp"))
+    message = f"refusing to push {folder / 'README.md'}: it is a symlink to '{secret}'"
+    with pytest.raises(hf_lowrank.HubError, match=re.escape(message)):
+        hf_lowrank.push_adapter(folder, "alice/x", token="hf_x", endpoint="http://127.0.0.1:9")
+    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in staged[0].rglob("*") if p.is_file()), \
+        "the secret was never staged"
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder"])
+def test_staging_takes_only_a_regular_file(tmp_path, monkeypatch, hard_links, kind):
+    """What a push stages from the folder (`hub._link_or_copy`): a regular file as it is; anything else refused by
+    name, with nothing left in the staging folder."""
+    from hf_lowrank.hub import _link_or_copy
+
+    (tmp_path / "secret").write_text("key")
+    src, dst = tmp_path / "README.md", tmp_path / "staged"
+    {"symlink": lambda: src.symlink_to(tmp_path / "secret"), "fifo": lambda: os.mkfifo(src),
+     "folder": lambda: src.mkdir()}[kind]()
+    if not hard_links:
+        def no_link(*a, **k):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "link", no_link)
+    what = "a symlink to" if kind == "symlink" else "not a regular file"
+    with pytest.raises(hf_lowrank.HubError, match=re.escape(f"refusing to push {src}: it is {what}")):
+        _link_or_copy(src, dst)
+    assert not os.path.lexists(dst)
+    (tmp_path / "plain").write_text("card")
+    _link_or_copy(tmp_path / "plain", tmp_path / "plain-staged")
+    assert (tmp_path / "plain-staged").read_text() == "card" and not (tmp_path / "plain-staged").is_symlink()
+
+
+class _Kept:
+    """A temporary folder left in place after its `with` block, so the test can look at what was staged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> str:
+        self.path.mkdir()
+        return str(self.path)
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 # ---- 3. saves: atomic across files, serialized per folder ---------------------------------------------------------

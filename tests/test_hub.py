@@ -197,6 +197,40 @@ def test_model_push_to_hub_and_save_pretrained_push_adapter_only(online, tiny_ll
     assert sorted(os.listdir(tmp_path / "saved")) == sorted(ADAPTER)
 
 
+def test_merge_of_an_adapter_whose_base_is_on_the_hub(online, tiny_llama, tmp_path, capsys):
+    """`hf-lowrank merge` without --base downloads the recorded base into the Hub cache, where every file is a link
+    into the repo's blobs: the merged folder still gets the base's tokenizer and generation files (as copies, not
+    links), and nothing linked out of the snapshot."""
+    from huggingface_hub import HfApi
+
+    from hf_lowrank.export import merge_main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    extras = {"tokenizer_config.json": b'{"model_max_length": 64}\n', "merges.txt": b"#version: 0.2\na b\n"}
+    for name, data in extras.items():
+        (base / name).write_bytes(data)
+    HfApi().create_repo("alice/tiny-base")
+    HfApi().upload_folder(repo_id="alice/tiny-base", folder_path=str(base))
+    model = randomize(hf_lowrank.from_pretrained(__import__("transformers").AutoModelForCausalLM, "alice/tiny-base",
+                                                 cfg()))
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "alice/tiny-base"
+    snapshot = next((tmp_path / "hub-cache").glob("models--alice--tiny-base/snapshots/*"))
+    os.symlink(tmp_path / "adapter" / "adapter_config.json", snapshot / "stray.json")  # a link out of the snapshot
+
+    assert merge_main([str(tmp_path / "adapter"), "--output", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert (snapshot / "tokenizer_config.json").is_symlink(), "the cache's layout, which this test is about"
+    for name, data in extras.items():
+        assert not (merged / name).is_symlink() and (merged / name).read_bytes() == data, name
+    assert (merged / "generation_config.json").is_file()
+    assert not (merged / "stray.json").exists() and "stray.json" in out, "a link out of the snapshot is skipped, named"
+    torch.testing.assert_close(_plain(str(merged))(tokens()).logits, logits(model), rtol=0, atol=1e-4)
+
+
 def _plain(base: str):
     from transformers import AutoModelForCausalLM
 
