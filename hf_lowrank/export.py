@@ -84,7 +84,7 @@ def _shards(base: Path) -> tuple[dict | None, list[str]]:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise AdapterError(f"{index_path} is not a valid safetensors index ({type(e).__name__}: {e})") from None
         if not isinstance(index.get("metadata", {}), dict):
-            raise AdapterError(f"{index_path}: 'metadata' is {type(index['metadata']).__name__}, not an object; "
+            raise AdapterError(f"{index_path}: 'metadata' is {json.dumps(index['metadata'])[:60]}, not an object; "
                                "a safetensors index's metadata maps names to values (nothing was written)")
     elif (base / SINGLE_FILE).is_file():
         index, shards = None, [SINGLE_FILE]

@@ -65,15 +65,21 @@ def model_key(file_key: str) -> str:
     return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
+#: a repo's folder in the Hub cache: `models--org--name` (or datasets--, spaces--), above `snapshots/<revision>`.
+_CACHED_REPO = re.compile(r"(?:models|datasets|spaces)--[^/\\]+")
+
+
 def linked_outside(folder, path) -> str | None:
     """Where `path` links to when it is a symlink out of `folder` (None otherwise). A Hub cache snapshot's links to
-    its repo's `blobs` are inside: that is how huggingface_hub stores every file it downloads."""
+    its repo's `blobs` are inside: that is how huggingface_hub stores every file it downloads (only under
+    `<models--org--name>/snapshots/<revision>/`; a folder that merely has a `snapshots` above it is not the cache)."""
     if not os.path.islink(path):
         return None
     real, target = os.path.realpath(folder), os.path.realpath(path)
     parts = real.split(os.sep)
-    at = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts[:-1] else None
-    blobs = os.sep.join([*parts[:at], "blobs"]) if at else None  # <repo>/blobs for <repo>/snapshots/<revision>/…
+    at = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts[:-1] else 0
+    cached = at > 0 and _CACHED_REPO.fullmatch(parts[at - 1]) is not None
+    blobs = os.sep.join([*parts[:at], "blobs"]) if cached else None  # <repo>/blobs for <repo>/snapshots/<rev>/…
     return None if os.path.dirname(target) in (real, blobs) else os.readlink(path)
 
 

@@ -165,13 +165,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             raise _not_regular(src) from None
         with os.fdopen(fd, "rb") as f, open(dst, "xb") as out:
             shutil.copyfileobj(f, out)
-    if not stat.S_ISREG(os.lstat(dst).st_mode):
-        os.unlink(dst)
-        raise _not_regular(src)
+    else:  # the link is to the entry: a symlink (or FIFO, folder) stays one, refused here
+        if not stat.S_ISREG(os.lstat(dst).st_mode):
+            os.unlink(dst)
+            raise _not_regular(src)
 
 
 def _not_regular(path: Path) -> HubError:
-    what = f"a symlink to {os.readlink(path)!r}" if path.is_symlink() else "not a regular file"
+    try:
+        what = f"a symlink to {os.readlink(path)!r}" if path.is_symlink() else \
+            "not a regular file" if os.path.lexists(path) else "gone (removed while the push ran)"
+    except OSError:  # changed again since
+        what = "not a regular file"
     return HubError(f"refusing to push {path}: it is {what}. Only regular files inside the adapter folder are "
                     "uploaded; copy the real file there (e.g. `hf-lowrank pull REPO --output DIR` for an adapter in "
                     "the Hub cache).")

@@ -107,9 +107,33 @@ def test_merge_refuses_shard_names_outside_output(tiny_llama, tmp_path, capsys, 
     assert not Path("/tmp/hf-lowrank-victim.safetensors").exists()
 
 
+def test_merge_copies_links_inside_the_base_and_skips_links_out_naming_them(tiny_llama, tmp_path, capsys):
+    """A local base (below a folder that happens to be called `snapshots`, which is not the Hub cache): a link to a
+    file of the base itself is copied as its content; a link out of it (here into a `blobs` beside `snapshots`) is
+    not followed, and the merge says which file it skipped."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "snapshots" / "2024" / "base"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(base)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    (base / "tokenizer.json").symlink_to("../../../blobs/id_rsa")
+    (base / "alias.json").symlink_to("generation_config.json")
+    save_adapter(adapted(tiny_llama), tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert merge_main([str(tmp_path / "adapter"), "--base", str(base), "--output", str(out), "--no-drift"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped tokenizer.json: a symlink out of" in printed and "../../../blobs/id_rsa" in printed, printed
+    assert not (out / "tokenizer.json").exists()
+    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in out.iterdir())
+    assert not (out / "alias.json").is_symlink()
+    assert (out / "alias.json").read_bytes() == (base / "generation_config.json").read_bytes()
+
+
 @pytest.mark.parametrize(("index", "message"), [
-    ({"metadata": ["total_size", 1]}, "'metadata' is list, not an object"),
-    ({"metadata": "x"}, "'metadata' is str, not an object"),
+    ({"metadata": ["total_size", 1]}, """'metadata' is ["total_size", 1], not an object"""),
+    ({"metadata": "x"}, """'metadata' is "x", not an object"""),
+    ({"metadata": None}, "'metadata' is null, not an object"),
     ({"metadata": {}, "weight_map": ["model-00001.safetensors"]}, "is not a valid safetensors index (AttributeError"),
     ([], "is not a valid safetensors index (TypeError"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -479,6 +480,11 @@ def test_links_into_a_hub_cache_repos_blobs_are_read_others_refused(tiny_llama, 
     outside.symlink_to(tmp_path / "saved" / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match="adapter_model.safetensors is a symlink to .*, outside"):
         read_adapter(outside.parent)
+    # the same layout without the cache's repo folder (models--org--name) above `snapshots`: not the cache
+    plain = tmp_path / "data"
+    shutil.copytree(repo, plain, symlinks=True)
+    with pytest.raises(AdapterError, match=r"adapter_config.json is a symlink to '\.\./\.\./blobs/root-.*, outside"):
+        read_adapter(plain / "snapshots" / "0123abcd")
 
 
 def test_a_folder_named_like_the_base_but_not_a_model_keeps_the_hub_id(tiny_llama, tmp_path, monkeypatch):
