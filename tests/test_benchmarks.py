@@ -33,6 +33,7 @@ def _module(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_compare_peft_smoke_prints_every_row(tmp_path):
     cp = _module("compare_peft")
     out = _run("compare_peft.py", "--smoke", "--json", str(tmp_path / "raw.json"))
@@ -51,6 +52,7 @@ def test_compare_peft_smoke_prints_every_row(tmp_path):
     assert 0 < ours["adapter_overhead_bytes"] <= 64 * 1024
 
 
+@pytest.mark.slow
 def test_gpu_cpu_tiny_prints_every_row(tmp_path):
     out = _run("gpu.py", "--cpu-tiny", "--json", str(tmp_path / "raw.json"))
     rows = [line for line in out.splitlines() if line.startswith("| tiny |")]
@@ -89,6 +91,7 @@ def test_optimizer_step_compares_the_same_work():
     assert all(float(r[3]) < 1e-6 for r in rows), rows
 
 
+@pytest.mark.slow
 def test_dpo_benchmark_smoke_prints_every_row():
     """The DPO comparison runs all three sides through TRL and prints each row with its target (values not
     asserted: a smoke run measures nothing)."""
@@ -101,6 +104,7 @@ def test_dpo_benchmark_smoke_prints_every_row():
     assert "Last DPO loss: ours nan" not in out  # both sides really trained and logged a loss
 
 
+@pytest.mark.slow
 def test_quality_smoke_prints_dora_cost_and_file_sizes():
     import re
 

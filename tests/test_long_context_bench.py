@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -18,6 +20,7 @@ def _run(*args: str, timeout: int = 400) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_long_context_quick_prints_every_cell():
     out = _run("benchmarks/long_context.py", "--quick")
     assert "Ours' loss path: vocab 512: fused linear+cross-entropy" in out
@@ -31,6 +34,7 @@ def test_long_context_quick_prints_every_cell():
     assert len(growth) == 1
 
 
+@pytest.mark.slow
 def test_gpu_long_context_cpu_tiny():
     out = _run("benchmarks/gpu.py", "--long-context", "--cpu-tiny")
     rows = [line for line in out.splitlines() if line.startswith("| 512 | ")]
@@ -38,6 +42,7 @@ def test_gpu_long_context_cpu_tiny():
     assert all("OOM" not in r and "–" not in r for r in rows), out
 
 
+@pytest.mark.slow
 def test_floor_only_with_both_products_prints_the_extra_columns():
     """`--products both`: ours with the library's choice of the rank-r products' dtype, the same model with them
     forced into bf16, and the floor, alternating; a row per cell with the two ratios and their rounds."""
