@@ -207,7 +207,7 @@ def test_push_refuses_a_file_swapped_for_a_symlink_after_the_check(llama_adapter
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
-@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder", "missing"])
 def test_staging_takes_only_a_regular_file(tmp_path, monkeypatch, hard_links, kind):
     """What a push stages from the folder (`hub._link_or_copy`): a regular file as it is; anything else refused by
     name, with nothing left in the staging folder."""
@@ -216,12 +216,12 @@ def test_staging_takes_only_a_regular_file(tmp_path, monkeypatch, hard_links, ki
     (tmp_path / "secret").write_text("key")
     src, dst = tmp_path / "README.md", tmp_path / "staged"
     {"symlink": lambda: src.symlink_to(tmp_path / "secret"), "fifo": lambda: os.mkfifo(src),
-     "folder": lambda: src.mkdir()}[kind]()
+     "folder": lambda: src.mkdir(), "missing": lambda: None}[kind]()
     if not hard_links:
         def no_link(*a, **k):
             raise OSError(18, "Invalid cross-device link")
         monkeypatch.setattr(os, "link", no_link)
-    what = "a symlink to" if kind == "symlink" else "not a regular file"
+    what = {"symlink": "a symlink to", "missing": "gone (removed while the push ran)"}.get(kind, "not a regular file")
     with pytest.raises(hf_lowrank.HubError, match=re.escape(f"refusing to push {src}: it is {what}")):
         _link_or_copy(src, dst)
     assert not os.path.lexists(dst)
