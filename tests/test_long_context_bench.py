@@ -63,3 +63,27 @@ def test_products_both_without_floor_only_is_refused_by_name():
                           text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert "--products both" in proc.stderr and "--floor-only" in proc.stderr and proc.stdout == "", proc.stderr
+
+
+@pytest.mark.slow
+def test_phases_split_ours_step_into_disjoint_parts():
+    """`--phases`: each timed part of ours' LoRA layers is measured (the wrappers fired: dropout drawn and applied,
+    the node's own work, its backward), the floor has no dropout rows, and the parts are disjoint: what is left of
+    each side's step ("everything else") is not negative."""
+    out = _run("benchmarks/long_context.py", "--quick", "--phases", "32:512:2")
+    rows = {r[0].strip(): r[1:] for r in (line.split("|")[1:-1] for line in out.splitlines()
+                                          if line.startswith("| ") and " ms |" in line)}
+
+    def ms(cell: str) -> float:
+        value, unit = cell.split()
+        return float(value) * (1000 if unit == "s" else 1)
+
+    assert len(rows) == 8, out
+    for name in ("dropout: drawing the positions", "dropout: the zeroed copy of x"):
+        assert ms(rows[name][1]) == 0 and ms(rows[name][0]) >= 0, rows[name]
+    assert ms(rows["dropout: drawing the positions"][0]) > 0, rows  # LoRA dropout 0.05: drawn on every call
+    parts = [k for k in rows if k.startswith(("base layers'", "dropout", "ours' node", "backward of"))]
+    assert len(parts) == 5 and all(ms(rows[k][0]) > 0 for k in parts if not k.startswith("dropout")), rows
+    assert ms(rows["step (wall)"][0]) >= sum(ms(rows[k][0]) for k in parts), rows
+    else_row = next(k for k in rows if k.startswith("everything else"))
+    assert ms(rows[else_row][0]) >= 0 and ms(rows[else_row][1]) >= 0, rows
