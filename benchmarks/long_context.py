@@ -270,7 +270,8 @@ def phases_worker(args) -> dict:
     with a timer in this worker only (summed over a step's calls, median over steps). Disjoint parts of ours' step:
     drawing the dropout positions, the zeroed copy of x, the base layers' forward, the rest of ours' node forward
     (the rank-r products, casts, saving), and its backward less the recompute that its unpacking triggers (the
-    recomputed forwards are counted in the rows above); the floor's base forward and bitsandbytes' backward."""
+    recomputed forwards are counted in the rows above); the same timers on the floor's step (adapters disabled: no
+    dropout and no node should run there), and bitsandbytes' backward."""
     import collections
 
     import bitsandbytes as bnb
@@ -284,15 +285,22 @@ def phases_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     spent = collections.Counter()
 
-    def timed(owner, name: str, key: str, static: bool = False) -> None:
+    in_node = [0]  # > 0 while ours' node forward runs: the base and zeroing calls inside it are its parts
+
+    def timed(owner, name: str, key: str, static: bool = False, node: bool = False) -> None:
         fn = getattr(owner, name)
 
         def wrapper(*a, **k):
             t0 = time.perf_counter()
+            in_node[0] += node
             try:
                 return fn(*a, **k)
             finally:
-                spent[key] += time.perf_counter() - t0
+                in_node[0] -= node
+                dt = time.perf_counter() - t0
+                spent[key] += dt
+                if in_node[0]:
+                    spent[f"{key} in node"] += dt
         setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
     timed(layers, "dropout_plan", "draw")
@@ -300,7 +308,7 @@ def phases_worker(args) -> dict:
     timed(layers, "_dense", "dequant")
     timed(lora_ops, "_saved", "unpack")
     timed(bnb.nn.Linear4bit, "forward", "base")
-    timed(lora_ops._LoraLinear, "forward", "node_fwd", static=True)
+    timed(lora_ops._LoraLinear, "forward", "node_fwd", static=True, node=True)
     timed(lora_ops._LoraLinear, "backward", "node_bwd", static=True)
     timed(bnb_autograd.MatMul4Bit, "backward", "bnb_bwd", static=True)
     ours, opt, ids = _warmed_up(args)
@@ -311,29 +319,29 @@ def phases_worker(args) -> dict:
             t0 = time.perf_counter()
             _step(ours, opt, ids) if side == "ours" else _floor_step(ours, ids)
             steps[side].append({**spent, "step": time.perf_counter() - t0})
-    for s in steps["ours"]:
-        s["node_rest"] = s.get("node_fwd", 0.0) - s.get("zero", 0.0) - s.get("base", 0.0)
+    for s in steps["ours"] + steps["floor"]:
+        s["node_rest"] = s.get("node_fwd", 0.0) - s.get("zero in node", 0.0) - s.get("base in node", 0.0)
         s["bwd_less_recompute"] = s.get("node_bwd", 0.0) - s.get("unpack", 0.0)
 
     def median(side: str, keys: tuple[str, ...]) -> dict:
         return {k: statistics.median(s.get(k, 0.0) for s in steps[side]) for k in keys}
     return {"ours": median("ours", ("step", "draw", "zero", "base", "dequant", "node_rest", "bwd_less_recompute")),
-            "floor": median("floor", ("step", "base", "bnb_bwd"))}
+            "floor": median("floor", ("step", "base", "draw", "zero", "node_rest", "bnb_bwd"))}
 
 
 def phases_table(r: dict) -> str:
     o, f = r["ours"], r["floor"]
     rows = [("step (wall)", o["step"], f["step"]),
             ("base layers' forward (bitsandbytes; every call, the recompute's too)", o["base"], f["base"]),
-            ("dropout: drawing the positions", o["draw"], 0.0),
-            ("dropout: the zeroed copy of x", o["zero"], 0.0),
-            ("ours' node forward, the rest (rank-r products, casts, saving)", o["node_rest"], 0.0),
+            ("dropout: drawing the positions", o["draw"], f["draw"]),
+            ("dropout: the zeroed copy of x", o["zero"], f["zero"]),
+            ("ours' node forward, the rest (rank-r products, casts, saving)", o["node_rest"], f["node_rest"]),
             ("backward of the LoRA layers (ours' node less its recompute; the floor: bitsandbytes')",
              o["bwd_less_recompute"], f["bnb_bwd"]),
             ("  of which dequantizing W0 for ∂x", o["dequant"], float("nan")),
             ("everything else (attention, norms, the head and loss, autograd, the optimizer, Python)",
              o["step"] - o["base"] - o["draw"] - o["zero"] - o["node_rest"] - o["bwd_less_recompute"],
-             f["step"] - f["base"] - f["bnb_bwd"])]
+             f["step"] - f["base"] - f["draw"] - f["zero"] - f["node_rest"] - f["bnb_bwd"])]
     lines = ["| part of a step (wall, median over steps) | ours | floor | ours − floor |", "|---|---:|---:|---:|"]
     for name, a, b in rows:
         lines.append(f"| {name} | {_fmt_s(a)} | {'–' if b != b else _fmt_s(b)} | "
