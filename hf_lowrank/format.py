@@ -66,20 +66,28 @@ def model_key(file_key: str) -> str:
 
 
 #: a repo's folder in the Hub cache: `models--org--name` (or datasets--, spaces--), above `snapshots/<revision>`.
-_CACHED_REPO = re.compile(r"(?:models|datasets|spaces)--[^/\\]+")
+_CACHED_REPO = re.compile(r"(models|datasets|spaces)--([^/\\]+)")
+
+
+def cached_repo(parts: list[str]) -> tuple[int, str, str] | None:
+    """Where a path (split into its parts) lies in the Hub cache: (the index of its `snapshots` part, the repo's kind
+    ("models", "datasets", "spaces"), its id) when it is at or below `<kind>--org--name/snapshots/<revision>`, the
+    last `snapshots` part counting; None elsewhere (a folder that merely has a `snapshots` above it is not the cache).
+    """
+    at = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts[:-1] else 0
+    match = _CACHED_REPO.fullmatch(parts[at - 1]) if at > 0 else None
+    return None if match is None else (at, match.group(1), match.group(2).replace("--", "/"))
 
 
 def linked_outside(folder, path) -> str | None:
     """Where `path` links to when it is a symlink out of `folder` (None otherwise). A Hub cache snapshot's links to
-    its repo's `blobs` are inside: that is how huggingface_hub stores every file it downloads (only under
-    `<models--org--name>/snapshots/<revision>/`; a folder that merely has a `snapshots` above it is not the cache)."""
+    its repo's `blobs` are inside: that is how huggingface_hub stores every file it downloads (`cached_repo`)."""
     if not os.path.islink(path):
         return None
     real, target = os.path.realpath(folder), os.path.realpath(path)
     parts = real.split(os.sep)
-    at = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts[:-1] else 0
-    cached = at > 0 and _CACHED_REPO.fullmatch(parts[at - 1]) is not None
-    blobs = os.sep.join([*parts[:at], "blobs"]) if cached else None  # <repo>/blobs for <repo>/snapshots/<rev>/…
+    cached = cached_repo(parts)
+    blobs = os.sep.join([*parts[:cached[0]], "blobs"]) if cached else None  # <repo>/blobs for <repo>/snapshots/<rev>/…
     return None if os.path.dirname(target) in (real, blobs) else os.readlink(path)
 
 

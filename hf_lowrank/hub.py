@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -194,13 +193,10 @@ def check_regular_files(folder: Path) -> None:
             raise _not_regular(path)
 
 
-_CACHE_REPO = re.compile(r"(?:^|/)models--([^/]+)/snapshots/[^/]+/?$")
-
-
 def published_base(files, base_model: str | None = None) -> str | None:
     """The Hub id published as the adapter's base: `base_model`, else the recorded base when it is a Hub id (or a
     folder of the Hub cache, whose id its name holds); None when only a local path is known (never published)."""
-    from .format import hub_model_id
+    from .format import cached_repo, hub_model_id
 
     if base_model is not None:
         if not hub_model_id(base_model):
@@ -210,8 +206,9 @@ def published_base(files, base_model: str | None = None) -> str | None:
     recorded = files.base_model or ""
     if hub_model_id(recorded):
         return recorded
-    match = _CACHE_REPO.search(recorded.replace(os.sep, "/"))
-    return match.group(1).replace("--", "/") if match else None
+    parts = recorded.replace(os.sep, "/").rstrip("/").split("/")
+    cached = cached_repo(parts)  # the snapshot folder itself: <models--org--name>/snapshots/<revision>
+    return cached[2] if cached and cached[1] == "models" and cached[0] == len(parts) - 2 else None
 
 
 def publish_in_place(folder: str | os.PathLike, base_model: str | None = None) -> None:

@@ -165,6 +165,45 @@ def test_a_base_loaded_from_a_relative_path_is_never_published(online, tiny_llam
     assert not any(b"checkpoints/tiny" in b for b in pushed.values())
 
 
+def test_a_base_loaded_from_its_hub_cache_folder_is_published_by_its_repo_id(online, tiny_llama, tmp_path):
+    """A base loaded by the path of its Hub cache snapshot (what `snapshot_download` returns) is recorded as that
+    path; a push publishes the repo id the cache folder's name holds, and no path."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    HfApi().create_repo("alice/cached-base")
+    HfApi().upload_folder(repo_id="alice/cached-base", folder_path=str(tiny_llama))
+    snapshot = snapshot_download("alice/cached-base")
+    assert Path(snapshot).parent.parent.name == "models--alice--cached-base", "the cache's layout, which this is about"
+    save_adapter(adapted(snapshot), tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == snapshot
+    push_adapter(tmp_path / "adapter", "alice/from-cache")
+    pushed = online.files("alice/from-cache")
+    assert json.loads(pushed["adapter_config.json"])["base_model_name_or_path"] == "alice/cached-base"
+    assert not any(str(tmp_path).encode() in b for b in pushed.values()), "no local path is published"
+
+
+@pytest.mark.parametrize("recorded, published", [
+    ("/c/hub/models--alice--tiny/snapshots/0123abcd", "alice/tiny"),
+    ("/c/hub/models--alice--tiny/snapshots/0123abcd/", "alice/tiny"),
+    ("rel/models--gpt2/snapshots/0123abcd", "gpt2"),  # a repo without an org
+    ("alice/tiny", "alice/tiny"),  # a Hub id as it is
+    ("/c/hub/models--alice--tiny/snapshots/0123abcd/sub", None),  # below the snapshot: not the repo's root
+    ("/c/hub/models--alice--tiny/snapshots", None),
+    ("/c/hub/datasets--alice--tiny/snapshots/0123abcd", None),  # not a model
+    ("/c/data/tiny/snapshots/0123abcd", None),  # a `snapshots` folder outside the cache
+    ("/c/hub/models--alice--tiny/snapshots/0123abcd/snapshots/x", None),  # the last `snapshots` counts
+    ("./tiny", None), ("", None),
+])
+def test_published_base_of_a_recorded_path(recorded, published):
+    """What a push publishes for the base an adapter records: a Hub id, the id of a Hub cache snapshot, else None."""
+    from types import SimpleNamespace
+
+    from hf_lowrank.hub import published_base
+
+    assert published_base(SimpleNamespace(base_model=recorded)) == published
+
+
 def hub_files(hub: HubServer, repo_id: str, revision: str = "main") -> set[str]:
     return set(hub.files(repo_id, revision))
 
