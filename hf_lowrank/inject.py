@@ -27,7 +27,7 @@ from .layers import (
     TrainableTokens,
     is_linear,
 )
-from .patterns import name_matches
+from .patterns import dotted_suffixes, first_entry, name_matcher
 
 logger = logging.getLogger("hf_lowrank")
 
@@ -84,6 +84,7 @@ def adapter_modules(model: nn.Module, modules_to_save: list[str] | None = None) 
         modules_to_save = getattr(getattr(model, "lowrank_config", None), "modules_to_save", None)
     found = AdapterModules([], [])
     inside: list[str] = []  # saved modules' own children are not searched
+    saved = name_matcher(modules_to_save) if modules_to_save else None
     for name, module in model.named_modules():
         if any(name.startswith(s + ".") for s in inside):
             continue
@@ -92,7 +93,7 @@ def adapter_modules(model: nn.Module, modules_to_save: list[str] | None = None) 
         elif isinstance(module, TrainableTokens):
             found.tokens.append((name, module))
             inside.append(name)
-        elif isinstance(module, SavedModule) or (modules_to_save and name and name_matches(modules_to_save, name)):
+        elif isinstance(module, SavedModule) or (saved is not None and name and saved(name)):
             found.saved.append((name, module))
             inside.append(name)
     return found
@@ -125,10 +126,12 @@ def token_targets(model: nn.Module, config: LowRankConfig) -> dict[str, list[int
     spec = config.trainable_token_indices
     if spec is None:
         return {}
-    if isinstance(spec, dict):
-        chosen = {n: list(ids) for key, ids in spec.items() for n, _ in model.named_modules()
-                  if n and name_matches([key], n)}
-        unmatched = [key for key in spec if not any(name_matches([key], n) for n in chosen)]
+    if isinstance(spec, dict):  # {module name: ids}, a name matching as in target_modules; the first key counts
+        names = [n for n, _ in model.named_modules() if n]
+        first = first_entry(spec)
+        chosen = {n: list(spec[key]) for n in names if (key := first(n)) is not None}
+        named = {s for n in names for s in dotted_suffixes(n)}
+        unmatched = [key for key in spec if key not in named]
         if unmatched:
             raise ValueError(f"trainable_token_indices names {unmatched[0]!r}, which matches no module")
     else:
@@ -145,11 +148,12 @@ def token_targets(model: nn.Module, config: LowRankConfig) -> dict[str, list[int
     return chosen
 
 
-def wrap_tokens(model: nn.Module, config: LowRankConfig) -> None:
-    """Wrap each `token_targets` embedding in `TrainableTokens`, and an output head tied to it in `TiedTokenHead`."""
+def wrap_tokens(model: nn.Module, config: LowRankConfig, targets: dict[str, list[int]]) -> None:
+    """Wrap each embedding of `targets` (`token_targets`) in `TrainableTokens`, and an output head tied to it in
+    `TiedTokenHead`."""
     dtype = getattr(torch, config.adapter_dtype)
     head = output_head(model)
-    for name, ids in token_targets(model, config).items():
+    for name, ids in targets.items():
         parent_name, _, child = name.rpartition(".")
         base = model.get_submodule(name)
         tokens = TrainableTokens(base, ids, dtype=dtype)
@@ -176,9 +180,9 @@ def resolve_targets(model: nn.Module, config: LowRankConfig) -> list[str]:
     if config.target_modules == "all-linear":
         chosen = [n for n, m in linear if m is not head and n.split(".")[-1] not in HEAD_NAMES]
     else:
-        chosen = []
+        chosen, targeted = [], name_matcher(config.target_modules)
         for name, module in model.named_modules():
-            if not name or not name_matches(config.target_modules, name):
+            if not name or not targeted(name):
                 continue
             if isinstance(module, LoraLinear):
                 raise ValueError(f"module {name!r} already has a LoRA adapter; inject() once per model.")
@@ -189,7 +193,8 @@ def resolve_targets(model: nn.Module, config: LowRankConfig) -> list[str]:
                 )
             chosen.append(name)
     if config.exclude_modules:
-        chosen = [n for n in chosen if not name_matches(config.exclude_modules, n)]
+        excluded = name_matcher(config.exclude_modules)
+        chosen = [n for n in chosen if not excluded(n)]
     if not chosen:
         suffixes = sorted({n.split(".")[-1] for n, _ in linear})
         raise ValueError(
@@ -216,6 +221,7 @@ def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
     if config.modules_to_save is None:
         config = config.replace(modules_to_save=default_modules_to_save(model))
     targets = resolve_targets(model, config)
+    tokens = token_targets(model, config)  # (both raise before anything changes)
     dtype = getattr(torch, config.adapter_dtype)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
@@ -226,7 +232,7 @@ def inject(model: nn.Module, config: LowRankConfig | None = None) -> nn.Module:
         layer.train(base.training)  # from_pretrained returns models in eval mode; dropout must follow
         setattr(parent, child, layer)
 
-    wrap_tokens(model, config)
+    wrap_tokens(model, config, tokens)
     model.lowrank_config = config
     mark_trainable(model, wrap_saved(model, adapter_modules(model)))
     return model

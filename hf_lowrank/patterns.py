@@ -18,6 +18,7 @@ on the size of all its compiled keys together, so that matching every module of 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 
 #: longest pattern accepted; real configs use a few dozen characters.
 MAX_PATTERN_LENGTH = 2_000
@@ -66,11 +67,35 @@ def check_pattern(pattern: str) -> None:
     compile_pattern(pattern)
 
 
-def name_matches(patterns: str | list[str], module_name: str) -> bool:
-    """PEFT's matching: a list entry equals the name or is its dotted suffix; a string is a full-match regex."""
+def dotted_suffixes(name: str) -> list[str]:
+    """The name and each part of it after a dot: what a list entry must equal to match it (PEFT's rule, `name == p
+    or name.endswith("." + p)`). For "model.q_proj": ["model.q_proj", "q_proj"]."""
+    return [name, *(name[i + 1:] for i, c in enumerate(name) if c == ".")]
+
+
+def first_entry(entries: Iterable[str]) -> Callable[[str], str | None]:
+    """For a list of names (PEFT's matching): a function giving the first entry, in the list's order, that a module
+    name matches (equal to it, or its dotted suffix), or None. The list is read once, into a dict: the time per name
+    does not grow with the list, which a stranger's config may make 100,000 entries long."""
+    order: dict[str, int] = {}
+    for entry in entries:
+        order.setdefault(entry, len(order))
+
+    def first(name: str) -> str | None:
+        hits = [s for s in dotted_suffixes(name) if s in order]
+        return min(hits, key=order.__getitem__) if hits else None
+
+    return first
+
+
+def name_matcher(patterns: str | list[str]) -> Callable[[str], bool]:
+    """PEFT's matching as a function of a module name, built once for many names: a list entry equals the name or
+    is its dotted suffix (`first_entry`); a string is a full-match regex."""
     if isinstance(patterns, str):
-        return compile_pattern(patterns).fullmatch(module_name) is not None
-    return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+        compiled = compile_pattern(patterns)
+        return lambda name: compiled.fullmatch(name) is not None
+    first = first_entry(patterns)
+    return lambda name: first(name) is not None
 
 
 class PatternTable:

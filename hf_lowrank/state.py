@@ -54,7 +54,7 @@ from .format import (
 )
 from .inject import AdapterModules, adapter_modules, inject, mark_trainable, resolve_targets, token_targets
 from .layers import LORA_A, LORA_B, LORA_MAGNITUDE, TOKENS_KEY, layer_features
-from .patterns import PatternError, name_matches
+from .patterns import PatternError, first_entry
 
 logger = logging.getLogger("hf_lowrank")
 
@@ -174,11 +174,12 @@ class AdapterFiles:
     def token_rows(self) -> dict[str, tuple[list[int], torch.Tensor]]:
         """{embedding module: (row indices, trained rows (k, d))} for `trainable_token_indices`."""
         spec, out = self.config.trainable_token_indices, {}
+        first = first_entry(spec) if isinstance(spec, dict) else None  # the key naming a module (as injection reads it)
         for key, t in self.model_tensors.items():
             module = token_module(key)
             if module is not None:
-                ids = spec if isinstance(spec, list) else next(
-                    (v for k, v in (spec or {}).items() if name_matches([k], module)), [])
+                named = first(module) if first is not None else None
+                ids = spec if isinstance(spec, list) else spec[named] if named is not None else []
                 out[module] = (list(ids), t)
         return out
 

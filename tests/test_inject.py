@@ -300,3 +300,98 @@ def test_disabled_adapters_give_the_exact_base_with_a_loaded_head(tiny_llama, tm
             assert model.lm_head.weight is model.lm_head.original.weight
         torch.testing.assert_close(model(x).logits, adapted, rtol=0, atol=0)
     assert (adapted - expected).abs().max() > 1e-2
+
+
+# ---- name lists from a stranger's config: PEFT's matching, each list read once ------------------------------------
+
+
+class _CountedList(list):
+    """A list that counts how often it is iterated (how often matching reads it)."""
+
+    reads = 0
+
+    def __iter__(self):
+        type(self).reads += 1
+        return super().__iter__()
+
+
+class _CountedDict(dict):
+    reads = 0
+
+    def __iter__(self):
+        type(self).reads += 1
+        return super().__iter__()
+
+
+NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.10.mlp.up_proj", "q_proj", "xq_proj", "a..b", "a.", "lm_head",
+         "model.layers.0.self_attn.k_proj", "model.norm"]
+ENTRIES = ["q_proj", "self_attn.q_proj", "layers.0", "0.self_attn.q_proj", "", ".b", "b", "up_proj", "mlp", "xq_proj",
+           "model.layers.10.mlp.up_proj", "lm_head", "head"]
+
+
+@pytest.mark.parametrize("rotation", range(len(ENTRIES)))
+def test_name_lists_match_and_pick_the_first_entry_as_peft_s(rotation):
+    """A list entry matches a module name equal to it or ending in "." + entry (PEFT's rule, written out here), and
+    `first_entry` picks the first such entry in the list's order, whatever that order is."""
+    from hf_lowrank.patterns import first_entry, name_matcher
+
+    entries = ENTRIES[rotation:] + ENTRIES[:rotation]
+    matches, first = name_matcher(entries), first_entry(entries)
+    found = 0
+    for name in NAMES:
+        peft = [e for e in entries if name == e or name.endswith("." + e)]
+        assert matches(name) == bool(peft), name
+        assert first(name) == (peft[0] if peft else None), (name, entries)
+        found += bool(peft)
+    assert 0 < found < len(NAMES), "some names match and some do not"
+
+
+def test_a_huge_target_list_is_read_once_not_once_per_module(tiny_llama):
+    """target_modules / exclude_modules of 100,000 entries (a 1 MiB config from the Hub): the right layers, and each
+    list read a fixed number of times (validation, one matcher), not once per module of the model (~40 here, ~1,500
+    in a 70B model, where that took ~25 s)."""
+    from hf_lowrank.inject import resolve_targets
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    filler = [f"t{i:06d}" for i in range(100_000)]
+    _CountedList.reads = 0
+    config = LowRankConfig(quantization=None, target_modules=_CountedList([*filler, "q_proj", "mlp.up_proj"]),
+                           exclude_modules=_CountedList([*filler, "layers.1.self_attn.q_proj"]))
+    chosen = resolve_targets(model, config)
+    assert chosen == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    assert _CountedList.reads <= 4, f"the lists were read {_CountedList.reads} times"
+
+
+def test_trainable_token_indices_by_module_name(tiny_llama):
+    """The dict form names embeddings as target_modules does; the first key naming a module gives its rows; a key
+    that names no module is refused by name (the model unchanged); a dict of 100,000 keys is read a fixed number of
+    times."""
+    from types import SimpleNamespace
+
+    from hf_lowrank.inject import token_targets
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    config = LowRankConfig(quantization=None, target_modules=["q_proj"],
+                           trainable_token_indices={"embed_tokens": [5, 6], "model.embed_tokens": [7]})
+    assert token_targets(model, config) == {"model.embed_tokens": [5, 6]}
+    injected = hf_lowrank.inject(model, config)
+    assert injected.model.embed_tokens.token_indices == [5, 6]
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    bad = LowRankConfig(quantization=None, target_modules=["q_proj"],
+                        trainable_token_indices={"embed_tokens": [5], "embed_token": [6]})
+    with pytest.raises(ValueError, match="trainable_token_indices names 'embed_token', which matches no module"):
+        hf_lowrank.inject(fresh, bad)
+    assert not list(hf_lowrank.lora_layers(fresh)), "nothing injected"
+    assert fresh.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+    _CountedDict.reads = 0
+    huge = _CountedDict({"embed_tokens": [5], **{f"t{i:06d}": [1] for i in range(100_000)}})
+    with pytest.raises(ValueError, match="names 't000000', which matches no module"):
+        token_targets(fresh, SimpleNamespace(trainable_token_indices=huge))
+    assert _CountedDict.reads <= 3, f"the dict was read {_CountedDict.reads} times"
+    del huge["t000000"], huge["t000001"]
+    with pytest.raises(ValueError, match="names 't000002'"):
+        token_targets(fresh, SimpleNamespace(trainable_token_indices=huge))
