@@ -59,8 +59,9 @@ class LowRankConfig:
             weight each forward, never kept). PEFT's field of the same name; vLLM and llama.cpp refuse it (merge).
         trainable_token_indices: rows of an embedding that train (and are saved) on their own, e.g. the ids of
             tokens just added to the tokenizer: a list (rows of the input embedding, and of the output head when it
-            is tied to it) or ``{module name: list}`` (PEFT's matching). The embedding must already have those rows
-            (``resize_token_embeddings(len(tokenizer))`` and save the base first). PEFT's field of the same name.
+            is tied to it) or ``{module name: list}`` (PEFT's matching; the first key naming a module counts). The
+            embedding must already have those rows (``resize_token_embeddings(len(tokenizer))`` and save the base
+            first). PEFT's field of the same name.
         loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): η_B = ratio·η_A, e.g. 16. The Trainer's optimizer (our paged
             default or the user's ``optim``) gets B (and DoRA magnitudes, as PEFT's ``create_loraplus_optimizer``
             groups them) in parameter groups at ratio × the learning rate. ``None`` = one learning rate. A training
