@@ -178,8 +178,7 @@ class AdapterFiles:
         for key, t in self.model_tensors.items():
             module = token_module(key)
             if module is not None:
-                named = first(module) if first is not None else None
-                ids = spec if isinstance(spec, list) else spec[named] if named is not None else []
+                ids = spec if isinstance(spec, list) else spec[k] if first and (k := first(module)) is not None else []
                 out[module] = (list(ids), t)
         return out
 

@@ -362,7 +362,7 @@ def test_a_huge_target_list_is_read_once_not_once_per_module(tiny_llama):
     assert _CountedList.reads <= 4, f"the lists were read {_CountedList.reads} times"
 
 
-def test_trainable_token_indices_by_module_name(tiny_llama):
+def test_trainable_token_indices_by_module_name(tiny_llama, tmp_path):
     """The dict form names embeddings as target_modules does; the first key naming a module gives its rows; a key
     that names no module is refused by name (the model unchanged); a dict of 100,000 keys is read a fixed number of
     times."""
@@ -376,6 +376,14 @@ def test_trainable_token_indices_by_module_name(tiny_llama):
     assert token_targets(model, config) == {"model.embed_tokens": [5, 6]}
     injected = hf_lowrank.inject(model, config)
     assert injected.model.embed_tokens.token_indices == [5, 6]
+    with torch.no_grad():
+        injected.model.embed_tokens.trainable_tokens_delta.normal_(0, 1)
+    folder = hf_lowrank.save_adapter(injected, tmp_path / "adapter")  # the dict form read back: the same rows
+    loaded = hf_lowrank.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), folder)
+    assert loaded.model.embed_tokens.token_indices == [5, 6]
+    ids = torch.tensor([[5, 6, 7, 1]])
+    torch.testing.assert_close(loaded.model.embed_tokens(ids), injected.model.embed_tokens(ids), rtol=0, atol=0)
+    assert not torch.equal(injected.model.embed_tokens(ids)[0, :2], injected.model.embed_tokens.base_layer(ids)[0, :2])
 
     fresh = AutoModelForCausalLM.from_pretrained(tiny_llama)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
